@@ -1,0 +1,141 @@
+"""Connectors: turn the encoder's res5 map [B, C, h, w] into LLM visual tokens [B, n, out_channels].
+
+The default ``sparse_conv`` (reference name ``SparseConv_1``) compresses a 32x32 map to 64 tokens
+(DESIGN.md §2.3). The others are ablation options that keep one token per res5 position.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+def _conv_out_size(size: int, kernel_size: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel_size) // stride + 1
+
+
+def _flatten_map(features: torch.Tensor) -> torch.Tensor:
+    """[B, C, h, w] -> [B, h*w, C] (row-major over h, w)."""
+    if features.dim() != 4:
+        raise ValueError(f"connector expects a feature map [B, C, h, w]; got shape {tuple(features.shape)}")
+    return features.flatten(2).transpose(1, 2)
+
+
+class SparseConvConnector(nn.Module):
+    """conv(k, s) -> LN[C, s1, s1] -> conv(k, s) -> LN[C, s2, s2] -> 1x1 conv -> s2*s2 tokens.
+
+    The LayerNorms normalise over the whole map with a per-position affine, so their shapes are part
+    of the checkpoint and the input map must be exactly ``feature_size`` x ``feature_size``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, feature_size: int = 32, kernel_size: int = 3,
+                 stride: int = 2):
+        super().__init__()
+        padding = kernel_size // 2
+        s1 = _conv_out_size(feature_size, kernel_size, stride, padding)
+        s2 = _conv_out_size(s1, kernel_size, stride, padding)
+        if s2 < 1:
+            raise ValueError(f"SparseConvConnector: feature_size={feature_size} is too small for "
+                             f"kernel_size={kernel_size}, stride={stride} (two convs leave {s2} positions); "
+                             "use a larger input image or a smaller stride")
+        self.feature_size = feature_size
+        self.proj1 = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding)
+        self.norm1 = nn.LayerNorm([out_channels, s1, s1])
+        self.proj2 = nn.Conv2d(out_channels, out_channels, kernel_size, stride, padding)
+        self.norm2 = nn.LayerNorm([out_channels, s2, s2])
+        self.fc = nn.Conv2d(out_channels, out_channels, 1, 1)
+        self._num_tokens = s2 * s2
+
+    def num_tokens(self, feature_size: int | None = None) -> int:
+        """Visual tokens produced; only ``self.feature_size`` is a valid input size."""
+        if feature_size is not None and feature_size != self.feature_size:
+            raise ValueError(f"SparseConvConnector was built for feature_size={self.feature_size}, "
+                             f"asked about {feature_size}; rebuild it with feature_size={feature_size}")
+        return self._num_tokens
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if features.dim() != 4 or tuple(features.shape[-2:]) != (self.feature_size, self.feature_size):
+            raise ValueError(f"SparseConvConnector expects res5 [B, C, {self.feature_size}, {self.feature_size}] "
+                             f"(its LayerNorm shapes are fixed); got {tuple(features.shape)}. Use the image size "
+                             f"the connector was built for, or set feature_size to the res5 size of your images")
+        x = self.norm1(self.proj1(features))
+        x = self.norm2(self.proj2(x))
+        return _flatten_map(self.fc(x))
+
+
+class LinearConnector(nn.Linear):
+    """One Linear per res5 position; parameter names ``weight``/``bias`` like the reference's bare nn.Linear."""
+
+    def __init__(self, in_channels: int, out_channels: int, feature_size: int = 32):
+        super().__init__(in_channels, out_channels)
+        self.feature_size = feature_size
+
+    def num_tokens(self, feature_size: int | None = None) -> int:
+        """One token per res5 position (defaults to the size given at construction)."""
+        size = self.feature_size if feature_size is None else feature_size
+        return size * size
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return super().forward(_flatten_map(features))
+
+
+class MLPGeluConnector(nn.Sequential):
+    """``mlp2x_gelu``: Linear -> GELU -> Linear per res5 position (names ``0.*``, ``2.*``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, feature_size: int = 32):
+        super().__init__(nn.Linear(in_channels, out_channels), nn.GELU(), nn.Linear(out_channels, out_channels))
+        self.feature_size = feature_size
+
+    def num_tokens(self, feature_size: int | None = None) -> int:
+        """One token per res5 position (defaults to the size given at construction)."""
+        size = self.feature_size if feature_size is None else feature_size
+        return size * size
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return super().forward(_flatten_map(features))
+
+
+class IdentityConnector(nn.Module):
+    """Flattened res5 map as tokens; only valid when the encoder width equals the LLM width."""
+
+    def __init__(self, in_channels: int, out_channels: int, feature_size: int = 32):
+        super().__init__()
+        if in_channels != out_channels:
+            raise ValueError(f"identity connector needs in_channels == out_channels; got {in_channels} -> "
+                             f"{out_channels}. Pick another connector (e.g. 'linear') or match the widths")
+        self.feature_size = feature_size
+
+    def num_tokens(self, feature_size: int | None = None) -> int:
+        """One token per res5 position (defaults to the size given at construction)."""
+        size = self.feature_size if feature_size is None else feature_size
+        return size * size
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return _flatten_map(features)
+
+
+CONNECTORS: dict[str, type[nn.Module]] = {
+    "sparse_conv": SparseConvConnector,
+    "linear": LinearConnector,
+    "mlp2x_gelu": MLPGeluConnector,
+    "identity": IdentityConnector,
+}
+# Names the reference uses for ``mm_projector_type`` -> our registry keys.
+REFERENCE_CONNECTOR_NAMES: dict[str, str] = {
+    "SparseConv_1": "sparse_conv",
+    "linear": "linear",
+    "mlp2x_gelu": "mlp2x_gelu",
+    "identity": "identity",
+}
+
+
+def build_connector(kind: str, in_channels: int, out_channels: int, feature_size: int) -> nn.Module:
+    """Build a connector by our name or the reference's name."""
+    key = REFERENCE_CONNECTOR_NAMES.get(kind, kind)
+    if key not in CONNECTORS:
+        choices = sorted(set(CONNECTORS) | set(REFERENCE_CONNECTOR_NAMES))
+        raise ValueError(f"unknown connector kind {kind!r}; expected one of {choices}")
+    return CONNECTORS[key](in_channels, out_channels, feature_size=feature_size)

@@ -1,0 +1,308 @@
+"""Hierarchical shifted-window vision encoder (Swin) with the Mask2Former "D2SwinTransformer" layout.
+
+Why not ``timm.models.SwinTransformer``: its parameter names differ (``layers.N.downsample`` sits at
+the start of the next stage, no ``norm0..norm3``), it requires the input size to be fixed at
+construction, and it neither pads tokens to a window multiple nor keeps shifting windows once a
+stage is smaller than a window. The released checkpoints (and DESIGN.md §2.2) depend on exactly
+that behaviour, so the block/stage logic lives here; the timm building blocks (``Mlp``,
+``DropPath``, ``trunc_normal_``) are reused where they fit.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, trunc_normal_
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+logger = logging.getLogger(__name__)
+
+# Additive logit for token pairs from different regions of a shifted window (reference value).
+SHIFT_MASK_VALUE = -100.0
+# Std of the truncated-normal init of linear weights and relative-position tables (Swin default).
+INIT_STD = 0.02
+FEATURE_NAMES = ("res2", "res3", "res4", "res5")
+
+
+def swin_feature_sizes(image_size: int, patch_size: int = 4, num_stages: int = 4) -> list[int]:
+    """Spatial side of res2..res5 for a square ``image_size`` input (patch embed and merges round up)."""
+    if image_size <= 0 or patch_size <= 0:
+        raise ValueError(f"swin_feature_sizes got image_size={image_size}, patch_size={patch_size}; "
+                         "both must be positive integers")
+    sizes = [math.ceil(image_size / patch_size)]
+    for _ in range(num_stages - 1):
+        sizes.append(math.ceil(sizes[-1] / 2))
+    return sizes
+
+
+def _relative_position_index(window_size: int) -> torch.Tensor:
+    """Index [N, N] into the (2w-1)^2 bias table for every (query, key) pair of a w x w window."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window_size), torch.arange(window_size), indexing="ij"))
+    coords = coords.flatten(1)  # [2, N]
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window_size - 1)  # [N, N, 2]
+    return rel[..., 0] * (2 * window_size - 1) + rel[..., 1]
+
+
+def _window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
+    """[B, Hp, Wp, C] -> [B, nW, w*w, C], windows in row-major order."""
+    b, h, w, c = x.shape
+    x = x.view(b, h // window_size, window_size, w // window_size, window_size, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(b, -1, window_size * window_size, c)
+
+
+def _window_reverse(windows: torch.Tensor, window_size: int, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`_window_partition`: [B, nW, w*w, C] -> [B, Hp, Wp, C]."""
+    b, _, _, c = windows.shape
+    x = windows.view(b, height // window_size, width // window_size, window_size, window_size, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(b, height, width, c)
+
+
+def _shift_region_mask(height: int, width: int, window_size: int, shift: int, device: torch.device) -> torch.Tensor:
+    """Additive mask [nW, N, N] for shifted windows: token pairs from different image regions get -100.
+
+    The padded (Hp, Wp) map is cut into 3 row bands and 3 column bands (the standard Swin regions);
+    after the cyclic shift a window may contain tokens of several regions that must not attend.
+    """
+    def bands(n: int) -> torch.Tensor:
+        pos = torch.arange(n, device=device)
+        return (pos >= n - window_size).long() + (pos >= n - shift).long()
+
+    region = bands(height)[:, None] * 3 + bands(width)[None, :]  # [Hp, Wp]
+    windows = _window_partition(region[None, :, :, None], window_size)[0, :, :, 0]  # [nW, N]
+    differs = windows[:, None, :] != windows[:, :, None]
+    return differs.float() * SHIFT_MASK_VALUE
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patch conv; pads the image right/bottom to a patch multiple first."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, patch_norm: bool):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim) if patch_norm else None
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        _, _, h, w = images.shape
+        pad_h, pad_w = (-h) % self.patch_size, (-w) % self.patch_size
+        if pad_h or pad_w:
+            images = F.pad(images, (0, pad_w, 0, pad_h))
+        x = self.proj(images)
+        hp, wp = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)  # [B, hp*wp, C]
+        if self.norm is not None:
+            x = self.norm(x)
+        return x, hp, wp
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside w x w windows with a learned relative-position bias."""
+
+    def __init__(self, dim: int, window_size: int, num_heads: int, qkv_bias: bool):
+        super().__init__()
+        self.window_size = window_size
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        # Persistent int64 buffer: it is part of the reference checkpoints.
+        self.register_buffer("relative_position_index", _relative_position_index(window_size), persistent=True)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        trunc_normal_(self.relative_position_bias_table, std=INIT_STD)
+
+    def relative_position_bias(self) -> torch.Tensor:
+        """[heads, N, N] bias looked up from the table."""
+        n = self.window_size * self.window_size
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return bias.view(n, n, self.num_heads).permute(2, 0, 1)
+
+    def forward(self, windows: torch.Tensor, shift_mask: torch.Tensor | None) -> torch.Tensor:
+        """windows [B, nW, N, C]; shift_mask [nW, N, N] additive or None -> [B, nW, N, C].
+
+        SDPA with the additive bias as ``attn_mask`` matches the explicit softmax(qk^T*scale + bias)
+        of the reference within fp32 noise (checked against swin.pt at atol 1e-5). With a shift
+        mask the windows are folded into the head axis so that the [nW*heads, N, N] mask broadcasts
+        over the batch instead of being copied per sample.
+        """
+        b, nw, n, c = windows.shape
+        h, d = self.num_heads, self.head_dim
+        qkv = self.qkv(windows).view(b, nw, n, 3, h, d).permute(3, 0, 1, 4, 2, 5)  # [3, B, nW, h, N, d]
+        bias = self.relative_position_bias()
+        if shift_mask is None:
+            q, k, v = qkv.reshape(3, b * nw, h, n, d).unbind(0)
+            mask = bias.unsqueeze(0)
+        else:
+            q, k, v = qkv.reshape(3, b, nw * h, n, d).unbind(0)
+            mask = (bias.unsqueeze(0) + shift_mask.unsqueeze(1)).reshape(1, nw * h, n, n)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))
+        out = out.reshape(b, nw, h, n, d).permute(0, 1, 3, 2, 4).reshape(b, nw, n, c)
+        return self.proj(out)
+
+
+class SwinBlock(nn.Module):
+    """Pre-norm (shifted) window-attention block; pads the normalised tokens to a window multiple."""
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, shift_size: int, mlp_ratio: float,
+                 qkv_bias: bool, drop_path: float):
+        super().__init__()
+        self.window_size = window_size
+        self.shift_size = shift_size
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, window_size, num_heads, qkv_bias)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+
+    def forward(self, x: torch.Tensor, height: int, width: int, shift_mask: torch.Tensor | None) -> torch.Tensor:
+        b, _, c = x.shape
+        ws = self.window_size
+        y = self.norm1(x).view(b, height, width, c)
+        pad_b, pad_r = (-height) % ws, (-width) % ws
+        # Padded zero tokens are deliberately NOT masked: the reference lets them take part in attention.
+        y = F.pad(y, (0, 0, 0, pad_r, 0, pad_b))
+        hp, wp = height + pad_b, width + pad_r
+        if self.shift_size:
+            y = torch.roll(y, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
+        y = self.attn(_window_partition(y, ws), shift_mask if self.shift_size else None)
+        y = _window_reverse(y, ws, hp, wp)
+        if self.shift_size:
+            y = torch.roll(y, shifts=(self.shift_size, self.shift_size), dims=(1, 2))
+        y = y[:, :height, :width].reshape(b, height * width, c)
+        x = x + self.drop_path(y)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchMerging(nn.Module):
+    """2x2 neighbourhood concat (padding odd sizes) -> LN(4C) -> Linear(4C -> 2C, no bias)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = nn.LayerNorm(4 * dim)
+
+    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        b, _, c = x.shape
+        x = x.view(b, height, width, c)
+        if height % 2 or width % 2:
+            x = F.pad(x, (0, 0, 0, width % 2, 0, height % 2))
+        # Order (row, col): (even, even), (odd, even), (even, odd), (odd, odd) -- fixed by the weights.
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        return self.reduction(self.norm(x.view(b, -1, 4 * c)))
+
+
+class SwinStage(nn.Module):
+    """``depth`` blocks (every odd one shifted by window//2) and an optional patch merging."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, mlp_ratio: float,
+                 qkv_bias: bool, drop_paths: Sequence[float], downsample: bool, use_checkpoint: bool):
+        super().__init__()
+        self.window_size = window_size
+        self.shift_size = window_size // 2
+        self.use_checkpoint = use_checkpoint
+        self.blocks = nn.ModuleList([
+            SwinBlock(dim, num_heads, window_size, 0 if i % 2 == 0 else self.shift_size, mlp_ratio, qkv_bias,
+                      drop_paths[i])
+            for i in range(depth)
+        ])
+        self.downsample = PatchMerging(dim) if downsample else None
+
+    def forward(self, x: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns (stage output tokens, merged tokens for the next stage or None)."""
+        ws = self.window_size
+        hp, wp = height + (-height) % ws, width + (-width) % ws
+        shift_mask = _shift_region_mask(hp, wp, ws, self.shift_size, x.device) if len(self.blocks) > 1 else None
+        for blk in self.blocks:
+            if self.use_checkpoint and torch.is_grad_enabled():
+                x = checkpoint(blk, x, height, width, shift_mask, use_reentrant=False)
+            else:
+                x = blk(x, height, width, shift_mask)
+        merged = self.downsample(x, height, width) if self.downsample is not None else None
+        return x, merged
+
+
+class SwinEncoder(nn.Module):
+    """Swin backbone returning ``{"res2".."res5"}`` NCHW maps, each through its own LayerNorm ``norm{i}``.
+
+    Defaults are Swin-B as used by SegEarth-R1 (DESIGN.md §2.2). Drop-path rates grow linearly over
+    all blocks from 0 to ``drop_path_rate`` and are active only in train mode.
+    """
+
+    def __init__(self, embed_dim: int = 128, depths: Sequence[int] = (2, 2, 18, 2),
+                 num_heads: Sequence[int] = (4, 8, 16, 32), window_size: int = 12, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True, drop_path_rate: float = 0.3, patch_size: int = 4, in_chans: int = 3,
+                 patch_norm: bool = True, use_checkpoint: bool = False):
+        super().__init__()
+        depths, num_heads = list(depths), list(num_heads)
+        if len(depths) != len(num_heads) or not depths:
+            raise ValueError(f"SwinEncoder got depths={depths} and num_heads={num_heads}; they must be "
+                             "non-empty and of equal length (one entry per stage)")
+        if len(depths) != len(FEATURE_NAMES):
+            raise ValueError(f"SwinEncoder got {len(depths)} stages (depths={depths}); expected "
+                             f"{len(FEATURE_NAMES)} to produce {FEATURE_NAMES}")
+        channels = [embed_dim * 2 ** i for i in range(len(depths))]
+        for c, h in zip(channels, num_heads):
+            if c % h:
+                raise ValueError(f"SwinEncoder stage width {c} is not divisible by num_heads={h}; "
+                                 f"choose embed_dim/num_heads so that embed_dim*2**i % heads[i] == 0")
+        if window_size < 1 or not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"SwinEncoder got window_size={window_size}, drop_path_rate={drop_path_rate}; "
+                             "expected window_size >= 1 and 0 <= drop_path_rate < 1")
+        self.out_channels = channels
+        self.out_strides = [patch_size * 2 ** i for i in range(len(depths))]
+        self.patch_size = patch_size
+
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, patch_norm)
+        # Explicit CPU device so the encoder can also be built under a meta-device context.
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        starts = [sum(depths[:i]) for i in range(len(depths))]
+        self.layers = nn.ModuleList([
+            SwinStage(channels[i], depths[i], num_heads[i], window_size, mlp_ratio, qkv_bias,
+                      rates[starts[i]:starts[i] + depths[i]], downsample=i < len(depths) - 1,
+                      use_checkpoint=use_checkpoint)
+            for i in range(len(depths))
+        ])
+        for i, c in enumerate(channels):
+            self.add_module(f"norm{i}", nn.LayerNorm(c))
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=INIT_STD)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @property
+    def use_checkpoint(self) -> bool:
+        return all(stage.use_checkpoint for stage in self.layers)
+
+    @use_checkpoint.setter
+    def use_checkpoint(self, value: bool) -> None:
+        for stage in self.layers:
+            stage.use_checkpoint = bool(value)
+
+    def freeze(self) -> SwinEncoder:
+        """Stop gradients to every parameter. The train/eval mode is left alone (drop-path follows it)."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if images.dim() != 4:
+            raise ValueError(f"SwinEncoder expects images [B, C, H, W]; got shape {tuple(images.shape)}")
+        x, h, w = self.patch_embed(images)
+        outputs: dict[str, torch.Tensor] = {}
+        for i, (name, stage) in enumerate(zip(FEATURE_NAMES, self.layers)):
+            out, merged = stage(x, h, w)
+            out = getattr(self, f"norm{i}")(out)
+            outputs[name] = out.view(out.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()
+            if merged is not None:
+                x, h, w = merged, (h + 1) // 2, (w + 1) // 2
+        return outputs
