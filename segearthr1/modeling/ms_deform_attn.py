@@ -1,0 +1,221 @@
+"""Multi-scale deformable attention (Deformable DETR) with a pure-PyTorch core.
+
+The core samples each head's value map bilinearly at a few learned locations per level and mixes the
+samples with softmax weights. ``ms_deform_attn_core_pytorch`` is the reference implementation
+(``grid_sample``); a compiled CUDA op, when one is importable, is an optional accelerator selected
+with ``impl="auto"`` / ``impl="cuda"`` and must give the same results.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segearthr1.errors import DependencyNotFoundError
+
+logger = logging.getLogger(__name__)
+
+IMPLS = ("pytorch", "auto", "cuda")
+# Module name of the compiled extension built from the Deformable-DETR CUDA sources.
+_COMPILED_OP_MODULE = "MultiScaleDeformableAttention"
+# Batch chunk size the compiled op processes at once (its customary default).
+_IM2COL_STEP = 64
+
+
+def ms_deform_attn_core_pytorch(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor | Sequence[tuple[int, int]],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Deformable attention core, pure PyTorch.
+
+    Args:
+        value: [B, S, M, D] per-head values of all levels, flattened row-major per level and
+            concatenated (S = sum H_l*W_l).
+        spatial_shapes: [L, 2] (H_l, W_l) per level.
+        sampling_locations: [B, Q, M, L, P, 2] (x, y) in [0, 1] per level (0 = left/top edge of the map).
+        attention_weights: [B, Q, M, L, P], already normalised over (L, P).
+
+    Returns:
+        [B, Q, M*D]. Samples use bilinear interpolation with zero padding, align_corners=False,
+        i.e. ``grid_sample`` at ``2*loc - 1``.
+    """
+    batch, _, heads, head_dim = value.shape
+    _, queries, _, levels, points, _ = sampling_locations.shape
+    shapes = [(int(h), int(w)) for h, w in (spatial_shapes.tolist() if torch.is_tensor(spatial_shapes) else spatial_shapes)]
+    if len(shapes) != levels:
+        raise ValueError(
+            f"ms_deform_attn_core_pytorch: {len(shapes)} spatial shapes but sampling_locations has {levels} levels; "
+            "pass one (H, W) per level"
+        )
+    if sum(h * w for h, w in shapes) != value.shape[1]:
+        raise ValueError(
+            f"ms_deform_attn_core_pytorch: value has {value.shape[1]} positions but spatial shapes {shapes} "
+            f"sum to {sum(h * w for h, w in shapes)}; flatten every level into value"
+        )
+    value_list = value.split([h * w for h, w in shapes], dim=1)
+    sampling_grids = 2 * sampling_locations - 1
+    sampled = []
+    for level, (height, width) in enumerate(shapes):
+        # [B, H*W, M, D] -> [B*M, D, H, W]
+        value_l = value_list[level].flatten(2).transpose(1, 2).reshape(batch * heads, head_dim, height, width)
+        # [B, Q, M, P, 2] -> [B*M, Q, P, 2]
+        grid_l = sampling_grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
+        sampled.append(F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False))
+    # [B*M, D, Q, L*P] weighted by [B*M, 1, Q, L*P]
+    weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels * points)
+    output = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1).view(batch, heads * head_dim, queries)
+    return output.transpose(1, 2).contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_op():
+    """The compiled extension module, or None when it is not installed (cached: imported once)."""
+    try:
+        return importlib.import_module(_COMPILED_OP_MODULE)
+    except ImportError:
+        return None
+
+
+class _CompiledMSDeformAttnFunction(torch.autograd.Function):
+    """Autograd binding of the compiled op (forward/backward kernels from the Deformable-DETR sources)."""
+
+    @staticmethod
+    def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        op = _compiled_op()
+        output = op.ms_deform_attn_forward(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, _IM2COL_STEP
+        )
+        ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        return output
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+        grad_value, grad_locations, grad_weights = _compiled_op().ms_deform_attn_backward(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+            grad_output.contiguous(), _IM2COL_STEP,
+        )
+        return grad_value, None, None, grad_locations, grad_weights
+
+
+@functools.lru_cache(maxsize=None)
+def _log_auto_choice(choice: str, reason: str) -> None:
+    logger.info("MSDeformAttn impl=auto -> %s (%s)", choice, reason)
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """Map the configured impl to the one used on `device`: "pytorch" or "cuda" (the compiled op)."""
+    if impl == "pytorch":
+        return "pytorch"
+    if impl == "cuda":
+        if _compiled_op() is None:
+            raise DependencyNotFoundError(
+                f"MSDeformAttn impl='cuda' needs the compiled extension '{_COMPILED_OP_MODULE}', which is not "
+                "importable; build it from segearthr1/modeling/csrc (python setup.py build install) or use "
+                "impl='pytorch' / 'auto'"
+            )
+        if device.type != "cuda":
+            raise ValueError(f"MSDeformAttn impl='cuda' got tensors on {device}; move the model to a CUDA device or use impl='auto'")
+        return "cuda"
+    if device.type != "cuda":
+        _log_auto_choice("pytorch", f"tensors on {device.type}")
+        return "pytorch"
+    if _compiled_op() is None:
+        _log_auto_choice("pytorch", f"compiled op '{_COMPILED_OP_MODULE}' not importable; using grid_sample")
+        return "pytorch"
+    _log_auto_choice("cuda", f"compiled op '{_COMPILED_OP_MODULE}' found")
+    return "cuda"
+
+
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention layer (parameter names as the reference).
+
+    ``sampling_offsets`` output features are ordered (head, level, point, xy) and are divided by
+    (W, H) of their level; ``attention_weights`` are softmax-normalised over levels*points per head.
+    """
+
+    def __init__(self, d_model: int = 256, n_levels: int = 3, n_heads: int = 8, n_points: int = 4, impl: str = "pytorch") -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"MSDeformAttn: d_model={d_model} is not divisible by n_heads={n_heads}; pick a divisor")
+        if impl not in IMPLS:
+            raise ValueError(f"MSDeformAttn: impl={impl!r} is not one of {IMPLS}")
+        self.d_model = d_model
+        self.n_levels = n_levels
+        self.n_heads = n_heads
+        self.n_points = n_points
+        self.impl = impl
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        """Deformable-DETR init: zero offset weights, offsets start on a radial grid (head h points at
+        angle 2*pi*h/heads, point p at distance p+1), uniform attention, xavier projections."""
+        nn.init.constant_(self.sampling_offsets.weight, 0.0)
+        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+        grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(self.n_heads, 1, 1, 2)
+        grid = grid.repeat(1, self.n_levels, self.n_points, 1)
+        grid = grid * torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.reshape(-1))
+        nn.init.constant_(self.attention_weights.weight, 0.0)
+        nn.init.constant_(self.attention_weights.bias, 0.0)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.constant_(self.value_proj.bias, 0.0)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.constant_(self.output_proj.bias, 0.0)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        reference_points: torch.Tensor,
+        input_flatten: torch.Tensor,
+        spatial_shapes: Sequence[tuple[int, int]],
+        level_start_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            query: [B, Q, C] (content + position embedding).
+            reference_points: [B, Q, L, 2] (x, y) in [0, 1] per level.
+            input_flatten: [B, S, C] values of all levels, flattened row-major and concatenated.
+            spatial_shapes: (H, W) per level, as Python ints (avoids a device sync per layer).
+            level_start_index: [L] long start offsets; only the compiled op needs it (derived if None).
+        Returns:
+            [B, Q, C].
+        """
+        batch, queries, _ = query.shape
+        shapes = [(int(h), int(w)) for h, w in spatial_shapes]
+        if len(shapes) != self.n_levels:
+            raise ValueError(f"MSDeformAttn: got {len(shapes)} levels {shapes}, built for n_levels={self.n_levels}")
+        if reference_points.shape[-1] != 2:
+            raise ValueError(
+                f"MSDeformAttn: reference_points must end in (x, y), got shape {tuple(reference_points.shape)}; "
+                "box reference points are not supported"
+            )
+        value = self.value_proj(input_flatten).view(batch, input_flatten.shape[1], self.n_heads, self.d_model // self.n_heads)
+        offsets = self.sampling_offsets(query).view(batch, queries, self.n_heads, self.n_levels, self.n_points, 2)
+        weights = self.attention_weights(query).view(batch, queries, self.n_heads, self.n_levels * self.n_points)
+        weights = F.softmax(weights, -1).view(batch, queries, self.n_heads, self.n_levels, self.n_points)
+        normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=offsets.dtype, device=offsets.device)
+        locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        if resolve_impl(self.impl, value.device) == "cuda":
+            shapes_t = torch.tensor(shapes, dtype=torch.long, device=value.device)
+            if level_start_index is None:
+                level_start_index = torch.cat((shapes_t.new_zeros(1), shapes_t.prod(1).cumsum(0)[:-1]))
+            output = _CompiledMSDeformAttnFunction.apply(value, shapes_t, level_start_index, locations, weights)
+        else:
+            output = ms_deform_attn_core_pytorch(value, shapes, locations, weights)
+        return self.output_proj(output)

@@ -1,0 +1,168 @@
+"""Multi-scale deformable attention: pure-PyTorch core vs a slow per-point reference, init, impl choice."""
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+from segearthr1.errors import DependencyNotFoundError
+from segearthr1.modeling import ms_deform_attn as mda
+from segearthr1.modeling.ms_deform_attn import MSDeformAttn, ms_deform_attn_core_pytorch
+
+
+def slow_core(value, shapes, locations, weights):
+    """Obviously-correct loop version: bilinear interpolation by hand, zero outside the map.
+
+    A location (x, y) in [0, 1] maps to continuous pixel coordinates (x*W - 0.5, y*H - 0.5)
+    (align_corners=False: pixel centres at integer + 0.5 in [0, W)).
+    """
+    batch, _, heads, dim = value.shape
+    _, queries, _, levels, points, _ = locations.shape
+    starts = [0]
+    for h, w in shapes[:-1]:
+        starts.append(starts[-1] + h * w)
+    out = torch.zeros(batch, queries, heads, dim, dtype=torch.float64)
+    for b in range(batch):
+        for q in range(queries):
+            for m in range(heads):
+                for lvl, (h, w) in enumerate(shapes):
+                    for p in range(points):
+                        x = locations[b, q, m, lvl, p, 0].item() * w - 0.5
+                        y = locations[b, q, m, lvl, p, 1].item() * h - 0.5
+                        x0, y0 = math.floor(x), math.floor(y)
+                        sample = torch.zeros(dim, dtype=torch.float64)
+                        for yi, xi in ((y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1)):
+                            if 0 <= yi < h and 0 <= xi < w:
+                                coef = (1 - abs(x - xi)) * (1 - abs(y - yi))
+                                sample += coef * value[b, starts[lvl] + yi * w + xi, m].double()
+                        out[b, q, m] += weights[b, q, m, lvl, p].item() * sample
+    return out.reshape(batch, queries, heads * dim)
+
+
+def _random_case(batch=2, heads=2, dim=3, shapes=((3, 4), (2, 2), (1, 3)), queries=5, points=2):
+    value = torch.randn(batch, sum(h * w for h, w in shapes), heads, dim)
+    # Some locations fall outside [0, 1] to exercise zero padding.
+    locations = torch.rand(batch, queries, heads, len(shapes), points, 2) * 1.4 - 0.2
+    weights = torch.rand(batch, queries, heads, len(shapes), points)
+    return value, list(shapes), locations, weights
+
+
+def test_core_matches_slow_reference():
+    value, shapes, locations, weights = _random_case()
+    fast = ms_deform_attn_core_pytorch(value, shapes, locations, weights)
+    assert fast.shape == (2, 5, 6)
+    torch.testing.assert_close(fast.double(), slow_core(value, shapes, locations, weights), atol=1e-5, rtol=1e-5)
+    # spatial shapes given as a long tensor (the reference call form) give the same result
+    torch.testing.assert_close(ms_deform_attn_core_pytorch(value, torch.tensor(shapes), locations, weights), fast)
+
+
+def test_core_exact_pixel_centres_and_outside():
+    """At a pixel centre the sample is that pixel; far outside the map it is zero."""
+    value = torch.arange(12.0).view(1, 12, 1, 1)  # one level 3x4, one head, dim 1
+    shapes = [(3, 4)]
+    centre = torch.tensor([(2 + 0.5) / 4, (1 + 0.5) / 3])  # pixel (row 1, col 2) -> index 6
+    outside = torch.tensor([2.0, 2.0])
+    locations = torch.stack([centre, outside]).view(1, 1, 1, 1, 2, 2)
+    out_centre = ms_deform_attn_core_pytorch(value, shapes, locations, torch.tensor([1.0, 0.0]).view(1, 1, 1, 1, 2))
+    out_outside = ms_deform_attn_core_pytorch(value, shapes, locations, torch.tensor([0.0, 1.0]).view(1, 1, 1, 1, 2))
+    assert out_centre.item() == pytest.approx(6.0, abs=1e-6)
+    assert out_outside.item() == 0.0
+
+
+def test_core_rejects_inconsistent_shapes():
+    value, shapes, locations, weights = _random_case()
+    with pytest.raises(ValueError, match="positions"):
+        ms_deform_attn_core_pytorch(value, [(3, 4), (2, 2), (1, 2)], locations, weights)
+    with pytest.raises(ValueError, match="levels"):
+        ms_deform_attn_core_pytorch(value, shapes[:2], locations, weights)
+
+
+def test_parameter_names_and_reference_init():
+    attn = MSDeformAttn(d_model=16, n_levels=3, n_heads=4, n_points=2)
+    shapes = {k: tuple(v.shape) for k, v in attn.state_dict().items()}
+    assert shapes == {
+        "sampling_offsets.weight": (4 * 3 * 2 * 2, 16), "sampling_offsets.bias": (48,),
+        "attention_weights.weight": (4 * 3 * 2, 16), "attention_weights.bias": (24,),
+        "value_proj.weight": (16, 16), "value_proj.bias": (16,),
+        "output_proj.weight": (16, 16), "output_proj.bias": (16,),
+    }
+    assert attn.sampling_offsets.weight.abs().sum() == 0
+    assert attn.attention_weights.weight.abs().sum() == 0 and attn.attention_weights.bias.abs().sum() == 0
+    assert attn.value_proj.bias.abs().sum() == 0 and attn.output_proj.bias.abs().sum() == 0
+    # Radial grid: 4 heads at angles 0, 90, 180, 270 degrees; point p at distance p+1; same per level.
+    bias = attn.sampling_offsets.bias.view(4, 3, 2, 2)
+    directions = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+    expected = directions[:, None, None, :] * torch.tensor([1.0, 2.0]).view(1, 1, 2, 1)
+    torch.testing.assert_close(bias, expected.expand(4, 3, 2, 2), atol=1e-6, rtol=0)
+
+
+def test_zero_offsets_sample_the_reference_pixel():
+    """With zero offsets and one level, sampling at pixel centres returns each pixel's own value."""
+    attn = MSDeformAttn(d_model=8, n_levels=1, n_heads=2, n_points=3)
+    with torch.no_grad():
+        attn.sampling_offsets.bias.zero_()
+    h, w = 3, 5
+    x = torch.randn(2, h * w, 8)
+    ys, xs = torch.meshgrid((torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w, indexing="ij")
+    ref = torch.stack([xs.reshape(-1), ys.reshape(-1)], -1)[None, :, None, :].expand(2, -1, 1, -1)
+    out = attn(torch.randn(2, h * w, 8), ref, x, [(h, w)])
+    torch.testing.assert_close(out, attn.output_proj(attn.value_proj(x)), atol=1e-5, rtol=1e-5)
+
+
+def test_offsets_are_normalised_per_level_by_width_and_height():
+    """An offset of (+1, 0) pixels on a level moves the sample exactly one pixel to the right there."""
+    attn = MSDeformAttn(d_model=4, n_levels=2, n_heads=1, n_points=1)
+    with torch.no_grad():
+        attn.sampling_offsets.bias.copy_(torch.tensor([1.0, 0.0, 0.0, 1.0]))  # level0: +1 px x; level1: +1 px y
+        attn.attention_weights.bias.copy_(torch.tensor([0.0, -1e4]))  # only level 0 counts
+        attn.value_proj.weight.copy_(torch.eye(4))
+        attn.value_proj.bias.zero_()
+        attn.output_proj.weight.copy_(torch.eye(4))
+        attn.output_proj.bias.zero_()
+    shapes = [(2, 4), (4, 2)]
+    values = torch.randn(1, 16, 4)
+    ref = torch.tensor([[(0.5 / 4, 0.5 / 2), (0.5 / 2, 0.5 / 4)]])[:, None].expand(1, 1, 2, 2)
+    out = attn(torch.zeros(1, 1, 4), ref, values, shapes)
+    torch.testing.assert_close(out[0, 0], values[0, 1], atol=1e-5, rtol=1e-5)  # level 0, row 0, col 1
+
+
+def test_impl_selection(caplog):
+    with pytest.raises(ValueError, match="impl"):
+        MSDeformAttn(d_model=8, n_heads=2, impl="triton")
+    if mda._compiled_op() is None:
+        with pytest.raises(DependencyNotFoundError, match="MultiScaleDeformableAttention"):
+            mda.resolve_impl("cuda", torch.device("cpu"))
+    mda._log_auto_choice.cache_clear()
+    with caplog.at_level(logging.INFO, logger="segearthr1.modeling.ms_deform_attn"):
+        assert mda.resolve_impl("auto", torch.device("cpu")) == "pytorch"
+        assert mda.resolve_impl("auto", torch.device("cpu")) == "pytorch"
+    assert sum("impl=auto -> pytorch" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_gradients_reach_all_parameters():
+    attn = MSDeformAttn(d_model=8, n_levels=2, n_heads=2, n_points=2)
+    torch.nn.init.normal_(attn.sampling_offsets.weight, std=0.1)
+    torch.nn.init.normal_(attn.attention_weights.weight, std=0.1)
+    shapes = [(3, 3), (2, 2)]
+    x = torch.randn(1, 13, 8)
+    ref = torch.rand(1, 13, 2, 2)
+    attn(x, ref, x, shapes).square().sum().backward()
+    for name, p in attn.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    value, shapes, locations, weights = _random_case(batch=2, heads=4, dim=8, shapes=((16, 12), (8, 6), (4, 3)), queries=50, points=4)
+    cpu = ms_deform_attn_core_pytorch(value, shapes, locations, weights)
+    dev = torch.device("cuda")
+    gpu = ms_deform_attn_core_pytorch(value.to(dev), shapes, locations.to(dev), weights.to(dev))
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-5, rtol=1e-4)
+    if mda._compiled_op() is not None:
+        shapes_t = torch.tensor(shapes, device=dev)
+        start = torch.cat((shapes_t.new_zeros(1), shapes_t.prod(1).cumsum(0)[:-1]))
+        compiled = mda._CompiledMSDeformAttnFunction.apply(value.to(dev), shapes_t, start, locations.to(dev), weights.to(dev))
+        torch.testing.assert_close(compiled.cpu(), cpu, atol=1e-5, rtol=1e-4)
