@@ -1,0 +1,28 @@
+"""segearthr1: language-guided segmentation of remote-sensing images (SegEarth-R1).
+
+Public API (imported lazily so `import segearthr1` stays light):
+    SegEarthR1Config, SegEarthR1ForReasoningSegmentation, load_pretrained, save_pretrained, Predictor
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "SegEarthR1Config": "segearthr1.configuration",
+    "SegEarthR1ForReasoningSegmentation": "segearthr1.modeling.segearthr1",
+    "load_pretrained": "segearthr1.pretrained",
+    "save_pretrained": "segearthr1.pretrained",
+    "build_for_training": "segearthr1.pretrained",
+    "Predictor": "segearthr1.inference.predictor",
+    "Prediction": "segearthr1.inference.predictor",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'segearthr1' has no attribute {name!r}")
