@@ -1,0 +1,158 @@
+"""Shared skeleton of the three dataset classes (torchgeo style: verify -> index -> samples).
+
+A dataset file only says where its files are (`_verify`, `_load_index`), what sample `idx` refers to
+(`_source`) and how its mask is read (`_load_mask`); loading, size checks, letterboxing, text encoding
+and the sample schema (DESIGN.md §2.9 keys plus ours) live here, so all datasets behave alike.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import DatasetCorruptedError, DatasetNotFoundError
+from ..processing import TextEncoder
+from .image_io import read_image_rgb
+from .transforms import letterbox_image, letterbox_mask, normalize_image
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+SAMPLING_MODES = ("first", "random", "all")
+GENERATOR_HINT = ("see datasets/README.md for where to download it, or write look-alike data with "
+                  "`python tools/make_synthetic_dataset.py --out DIR`")
+
+
+@dataclass(frozen=True)
+class SampleSource:
+    """What sample `idx` is made of, before any file is read."""
+
+    image_path: Path
+    image_name: str
+    instruction: str
+    answer: str | None = None  # reasoning datasets only; None = no target ("There is no target ...")
+
+
+def list_preview(items, limit: int = 20) -> str:
+    items = list(items)
+    more = f" ... (+{len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(str(i) for i in items[:limit]) + more
+
+
+class ReasoningSegDataset(Dataset):
+    """Base class: one (image, instruction, mask) triple per index, letterboxed and tokenised.
+
+    `tokenizer` may be None to inspect images and masks only (the text keys are then absent).
+    """
+
+    name: ClassVar[str] = ""
+    dataset_type: ClassVar[str] = ""
+    expected_tree: ClassVar[str] = ""
+
+    def __init__(self, data_root, split: str, tokenizer, image_size: int = 1024, train: bool = True):
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r} is not one of {list(SPLITS)}")
+        if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
+            raise ValueError(f"image_size={image_size!r} must be a positive int (reference: 1024)")
+        self.data_root = Path(data_root).expanduser()
+        self.split = split
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        self.train = bool(train)
+        if not self.data_root.is_dir():
+            raise DatasetNotFoundError(self._missing(self.data_root, "data root"))
+        self._verify()
+        self._load_index()
+        if len(self) == 0:
+            raise DatasetNotFoundError(f"{self.name} split {split!r} under {self.root} has no samples; "
+                                       f"expected files laid out as\n{self.expected_tree}\n{GENERATOR_HINT}")
+        self._text = TextEncoder(tokenizer, self.name, self.train) if tokenizer is not None else None
+        self[0]  # cheap start-up check: the first sample opens and its image/mask sizes agree
+        logger.info("%s/%s: %d samples from %s", self.name, split, len(self), self.root)
+
+    # --- hooks implemented by each dataset file ----------------------------------------------------------
+    @property
+    def root(self) -> Path:
+        raise NotImplementedError
+
+    def _verify(self) -> None:
+        """Raise DatasetNotFoundError if a directory or listing file of the split is missing."""
+        raise NotImplementedError
+
+    def _load_index(self) -> None:
+        """Build the list of samples (no image or mask is decoded here)."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def _source(self, idx: int) -> SampleSource:
+        raise NotImplementedError
+
+    def _load_mask(self, idx: int, source: SampleSource, image_hw: tuple[int, int]) -> np.ndarray:
+        """HxW uint8 mask with values {0, 1}."""
+        raise NotImplementedError
+
+    # --- shared machinery -----------------------------------------------------------------------------------
+    def _missing(self, path: Path, what: str) -> str:
+        return (f"{self.name} {what} {path} does not exist; expected (relative to data_root="
+                f"{self.data_root}):\n{self.expected_tree}\n{GENERATOR_HINT}")
+
+    def _require(self, path: Path, what: str, is_dir: bool = True) -> None:
+        if not (path.is_dir() if is_dir else path.is_file()):
+            raise DatasetNotFoundError(self._missing(path, what))
+
+    def _where(self, source: SampleSource) -> str:
+        return f"{self.name}/{self.split} sample {source.image_name!r}"
+
+    def __getitem__(self, idx: int) -> dict:
+        if not isinstance(idx, (int, np.integer)) or isinstance(idx, bool):
+            raise TypeError(f"{self.name} index must be an int, got {type(idx).__name__}")
+        n = len(self)
+        if not -n <= idx < n:
+            raise IndexError(f"{self.name}/{self.split} index {idx} out of range for {n} samples")
+        idx = int(idx) % n
+        source = self._source(idx)
+        try:
+            image = read_image_rgb(source.image_path)
+            mask = self._load_mask(idx, source, image.shape[:2])
+        except DatasetNotFoundError as err:
+            raise DatasetNotFoundError(f"{self._where(source)}: {err}") from err
+        except DatasetCorruptedError as err:
+            raise DatasetCorruptedError(f"{self._where(source)}: {err}") from err
+        if mask.shape != image.shape[:2]:
+            raise DatasetCorruptedError(
+                f"{self._where(source)}: mask is {mask.shape[0]}x{mask.shape[1]} but image "
+                f"{source.image_path} is {image.shape[0]}x{image.shape[1]}; they must have the same size")
+        return self._build_sample(image, mask, source)
+
+    def _build_sample(self, image: np.ndarray, mask: np.ndarray, source: SampleSource) -> dict:
+        image_chw, geometry = letterbox_image(image, self.image_size)
+        mask_t, _ = letterbox_mask(mask, self.image_size)
+        sample: dict = {"images": normalize_image(image_chw), "masks": mask_t}
+        if self._text is not None:
+            sample.update(self._text(source.instruction, source.answer))
+        else:
+            sample["dataset_type"] = self.dataset_type
+        sample.update(
+            image_name=source.image_name,
+            image_path=str(source.image_path),
+            orig_size=(int(image.shape[0]), int(image.shape[1])),
+            letterbox=geometry.to_dict(),
+            question=source.instruction,
+        )
+        return sample
+
+    @staticmethod
+    def _random_index(n: int) -> int:
+        """Uniform draw from torch's RNG (seeded per DataLoader worker)."""
+        return int(torch.randint(n, ()).item())
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, samples={len(self)}, "
+                f"image_size={self.image_size}, train={self.train})")

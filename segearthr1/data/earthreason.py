@@ -1,0 +1,140 @@
+"""EarthReason: geospatial pixel reasoning (implicit questions -> binary mask, possibly empty).
+
+Li et al., "SegEarth-R1: Geospatial Pixel Reasoning via Large Language Model", arXiv 2504.09644,
+2025; data: https://github.com/earth-insights/SegEarth-R1. 5,434 images (123² to 7617² px), one
+label per image, several paraphrased questions and answers per image in a QA json; an empty answer
+list means the target is absent and the mask is empty.
+
+Files are paired by stem (the reference pairs by sorted order, which silently misaligns when one
+file is missing); unpaired stems are listed in the error.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DatasetCorruptedError, DatasetNotFoundError
+from ..logging_utils import warning_once
+from ..processing import REASON_SEG
+from .base import SAMPLING_MODES, ReasoningSegDataset, SampleSource, list_preview
+from .image_io import read_mask
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+LABEL_SUFFIXES = (".png",)
+QA_SUFFIXES = (".json", ".txt")  # the reference also accepts json content in .txt files
+
+
+def _by_stem(directory: Path, suffixes: tuple[str, ...], what: str) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    clashes = []
+    for p in sorted(directory.iterdir()):
+        if p.is_file() and p.suffix.lower() in suffixes:
+            if p.stem in found:
+                clashes.append(f"{found[p.stem].name} / {p.name}")
+            found[p.stem] = p
+    if clashes:
+        raise DatasetCorruptedError(f"EarthReason {what} in {directory} has several files per stem, so "
+                                    f"pairing is ambiguous: {list_preview(clashes)}; keep one per stem")
+    return found
+
+
+def load_qa(path: Path) -> tuple[list[str], list[str]]:
+    """(questions, answers) of one QA file; questions must be non-empty, answers may be empty."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            qa = json.load(f)
+        questions, answers = qa["questions"], qa["answer"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise DatasetCorruptedError(f"EarthReason QA file {path} is unreadable ({err!r}); expected JSON "
+                                    f'{{"questions": [str, ...], "answer": [str, ...]}}') from err
+    if (not isinstance(questions, list) or not questions or not all(isinstance(q, str) for q in questions)
+            or not isinstance(answers, list) or not all(isinstance(a, str) for a in answers)):
+        raise DatasetCorruptedError(f"EarthReason QA file {path}: 'questions' must be a non-empty list of "
+                                    f"strings and 'answer' a (possibly empty) list of strings")
+    return questions, answers
+
+
+def answer_for(answers: list[str], question_index: int) -> str | None:
+    """Answer paired with question i: answer[i] if present, else answer[0]; None if the list is empty."""
+    if not answers:
+        return None
+    return answers[question_index] if question_index < len(answers) else answers[0]
+
+
+class EarthReasonDataset(ReasoningSegDataset):
+    """EarthReason split as samples; `question_sampling`: first (reference) | random | all.
+
+    "all" turns every question of an image into its own sample (len = number of questions).
+    """
+
+    name = "EarthReason"
+    dataset_type = REASON_SEG
+    expected_tree = ("rs_reason_seg/RSReasonSeg/{train,val,test}/\n"
+                     "    images/<stem>.jpg|.png   labels/<stem>.png   QAs/<stem>.json")
+
+    def __init__(self, data_root, split: str, tokenizer, image_size: int = 1024,
+                 question_sampling: str = "first", train: bool = True):
+        if question_sampling not in SAMPLING_MODES:
+            raise ValueError(f"question_sampling={question_sampling!r} is not one of {list(SAMPLING_MODES)}")
+        self.question_sampling = question_sampling
+        super().__init__(data_root, split, tokenizer, image_size=image_size, train=train)
+
+    @property
+    def root(self) -> Path:
+        return self.data_root / "rs_reason_seg" / "RSReasonSeg" / self.split
+
+    def _verify(self) -> None:
+        self._require(self.root, f"split directory ({self.split})")
+        for sub in ("images", "labels", "QAs"):
+            self._require(self.root / sub, f"'{sub}' directory")
+
+    def _load_index(self) -> None:
+        images = _by_stem(self.root / "images", IMAGE_SUFFIXES, "images")
+        labels = _by_stem(self.root / "labels", LABEL_SUFFIXES, "labels")
+        qas = _by_stem(self.root / "QAs", QA_SUFFIXES, "QAs")
+        stems = sorted(set(images) & set(labels) & set(qas))
+        unpaired = {
+            "images without a label": sorted(set(images) - set(labels)),
+            "images without a QA file": sorted(set(images) - set(qas)),
+            "labels without an image": sorted(set(labels) - set(images)),
+            "QA files without an image": sorted(set(qas) - set(images)),
+        }
+        problems = [f"{k}: {list_preview(v)}" for k, v in unpaired.items() if v]
+        if problems:
+            raise DatasetNotFoundError(
+                f"EarthReason split {self.split!r} in {self.root} has files that do not pair by stem "
+                f"(images/<stem>.*, labels/<stem>.png, QAs/<stem>.json): " + "; ".join(problems)
+                + ". Add the missing files or remove the strays.")
+        self._images = [images[s] for s in stems]
+        self._labels = [labels[s] for s in stems]
+        self._qas = [load_qa(qas[s]) for s in stems]
+        if self.question_sampling == "all":
+            self._items = [(i, q) for i, (questions, _) in enumerate(self._qas) for q in range(len(questions))]
+        else:
+            self._items = [(i, 0) for i in range(len(stems))]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def _source(self, idx: int) -> SampleSource:
+        i, q = self._items[idx]
+        questions, answers = self._qas[i]
+        if self.question_sampling == "random":
+            q = self._random_index(len(questions))
+        path = self._images[i]
+        return SampleSource(path, path.stem, questions[q], answer_for(answers, q))
+
+    def _load_mask(self, idx: int, source: SampleSource, image_hw: tuple[int, int]) -> np.ndarray:
+        i, _ = self._items[idx]
+        label = read_mask(self._labels[i])
+        mask = (label != 0).astype(np.uint8)
+        if not self._qas[i][1] and mask.any():  # empty answer list: the target is absent
+            warning_once(f"EarthReason {self._labels[i]} has foreground but an empty answer list; "
+                         f"using an empty mask")
+            mask[:] = 0
+        return mask

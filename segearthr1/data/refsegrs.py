@@ -1,0 +1,96 @@
+"""RefSegRS: referring segmentation of aerial scenes (explicit phrases -> binary mask).
+
+Yuan et al., "RRSIS: Referring Remote Sensing Image Segmentation", IEEE TGRS 2024 (arXiv
+2306.08625); data: https://huggingface.co/datasets/JessicaYuan/RefSegRS. 4,420 image-phrase-mask
+triplets from SkyScapes, 512x512 TIFF tiles; masks are 0/255 TIFFs. One line per sample in
+`output_phrase_{split}.txt`: `ID phrase...`, with image and mask `ID.tif`.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DatasetCorruptedError, DatasetNotFoundError
+from ..processing import REFER_SEG
+from .base import ReasoningSegDataset, SampleSource, list_preview
+from .image_io import read_mask
+
+logger = logging.getLogger(__name__)
+
+FOREGROUND_RULES = ("255", "nonzero")
+
+
+def parse_phrase_file(path: Path) -> list[tuple[str, str]]:
+    """[(ID, phrase)] from `ID phrase...` lines; blank lines are skipped, other bad lines raise."""
+    entries = []
+    bad = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            line = line.strip()
+            if not line:
+                continue
+            parts = line.split(maxsplit=1)
+            if len(parts) != 2:
+                bad.append(f"line {lineno}: {line!r}")
+                continue
+            entries.append((parts[0], parts[1]))
+    if bad:
+        raise DatasetCorruptedError(f"RefSegRS phrase file {path} has lines without 'ID phrase': "
+                                    f"{list_preview(bad, 10)}")
+    return entries
+
+
+class RefSegRSDataset(ReasoningSegDataset):
+    """RefSegRS split as samples; `foreground`: "255" (reference: only 255 is object) or "nonzero"."""
+
+    name = "RefSegRS"
+    dataset_type = REFER_SEG
+    expected_tree = ("rs_ref_seg/RefSegRS/\n"
+                     "    images/<ID>.tif   masks/<ID>.tif (0/255)   output_phrase_{train,val,test}.txt")
+
+    def __init__(self, data_root, split: str, tokenizer, image_size: int = 1024, train: bool = True,
+                 foreground: str = "255"):
+        if foreground not in FOREGROUND_RULES:
+            raise ValueError(f"foreground={foreground!r} is not one of {list(FOREGROUND_RULES)}")
+        self.foreground = foreground
+        super().__init__(data_root, split, tokenizer, image_size=image_size, train=train)
+
+    @property
+    def root(self) -> Path:
+        return self.data_root / "rs_ref_seg" / "RefSegRS"
+
+    @property
+    def phrase_file(self) -> Path:
+        return self.root / f"output_phrase_{self.split}.txt"
+
+    def _verify(self) -> None:
+        self._require(self.root, "directory")
+        self._require(self.root / "images", "'images' directory")
+        self._require(self.root / "masks", "'masks' directory")
+        self._require(self.phrase_file, f"phrase file of split {self.split!r}", is_dir=False)
+
+    def _load_index(self) -> None:
+        self._entries = parse_phrase_file(self.phrase_file)
+        ids = {i for i, _ in self._entries}
+        have_images = {p.name for p in (self.root / "images").iterdir()}
+        have_masks = {p.name for p in (self.root / "masks").iterdir()}
+        no_image = sorted(i for i in ids if f"{i}.tif" not in have_images)
+        no_mask = sorted(i for i in ids if f"{i}.tif" not in have_masks)
+        if no_image or no_mask:
+            parts = [f"{what} missing for ID(s) {list_preview(v)}"
+                     for what, v in (("images/<ID>.tif", no_image), ("masks/<ID>.tif", no_mask)) if v]
+            raise DatasetNotFoundError(f"RefSegRS {self.phrase_file.name} lists samples whose files are not in "
+                                       f"{self.root}: " + "; ".join(parts))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _source(self, idx: int) -> SampleSource:
+        sample_id, phrase = self._entries[idx]
+        return SampleSource(self.root / "images" / f"{sample_id}.tif", sample_id, phrase)
+
+    def _load_mask(self, idx: int, source: SampleSource, image_hw: tuple[int, int]) -> np.ndarray:
+        label = read_mask(self.root / "masks" / f"{source.image_name}.tif")
+        return (label == 255 if self.foreground == "255" else label != 0).astype(np.uint8)
