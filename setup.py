@@ -17,6 +17,9 @@ setup(
         "peft>=0.10",
         "deepspeed>=0.14",
         "accelerate>=0.26",
+        # HF datasets is not used directly, but transformers' Trainer probes `import datasets`; without
+        # the real package our top-level datasets/ folder is found as a namespace package and breaks it.
+        "datasets>=2.14",
         "pycocotools>=2.0.7",
         "opencv-python-headless>=4.8",
         "numpy>=1.24",

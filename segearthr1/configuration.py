@@ -196,6 +196,25 @@ class LossConfig(_SubConfig):
             raise ValueError(f"loss.oversample_ratio={self.oversample_ratio} must be >= 1")
 
 
+@dataclass
+class LoraConfig(_SubConfig):
+    """LoRA on the LLM (peft). Off in the reference recipe (the LLM is fully fine-tuned). When on, the
+    LLM's base weights are frozen except the embeddings/head if `train_embeddings` (the new `[SEG]`
+    and `[PAD]` rows must learn); every other module keeps its own trainability."""
+
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
+    train_embeddings: bool = True
+
+    def __post_init__(self):
+        _check_positive("lora.r", self.r)
+        if not self.target_modules:
+            raise ValueError("lora.target_modules is empty; name the LLM Linear layers to adapt (e.g. q_proj)")
+
+
 SUB_CONFIGS: dict[str, type[_SubConfig]] = {
     "vision": VisionConfig,
     "connector": ConnectorConfig,
@@ -203,6 +222,7 @@ SUB_CONFIGS: dict[str, type[_SubConfig]] = {
     "pixel_decoder": PixelDecoderConfig,
     "mask_decoder": MaskDecoderConfig,
     "loss": LossConfig,
+    "lora": LoraConfig,
 }
 
 
@@ -226,7 +246,7 @@ class SegEarthR1Config(PretrainedConfig):
         text_config: the LLM's HF config (or dict with `model_type`); default Phi-1.5.
         image_size: square letterbox size S (reference 1024). The connector's LayerNorm shapes and
             the number of visual tokens are derived from it.
-        vision/connector/description_projector/pixel_decoder/mask_decoder/loss: sub-config dicts
+        vision/connector/description_projector/pixel_decoder/mask_decoder/loss/lora: sub-config dicts
             (unknown keys are errors).
         seg_token_id / pad_token_id: ids of `[SEG]` and `[PAD]` after the tokenizer set-up (DESIGN §2.4).
         attn_implementation: attention backend requested for the LLM (`sdpa` default; never eager
@@ -246,6 +266,7 @@ class SegEarthR1Config(PretrainedConfig):
         pixel_decoder: dict[str, Any] | None = None,
         mask_decoder: dict[str, Any] | None = None,
         loss: dict[str, Any] | None = None,
+        lora: dict[str, Any] | None = None,
         seg_token_id: int | None = None,
         pad_token_id: int | None = None,
         llm_attn_implementation: str = "sdpa",
@@ -254,7 +275,7 @@ class SegEarthR1Config(PretrainedConfig):
         self.text_config = build_text_config(text_config)
         self.image_size = int(image_size)
         given = {"vision": vision, "connector": connector, "description_projector": description_projector,
-                 "pixel_decoder": pixel_decoder, "mask_decoder": mask_decoder, "loss": loss}
+                 "pixel_decoder": pixel_decoder, "mask_decoder": mask_decoder, "loss": loss, "lora": lora}
         for name, cls in SUB_CONFIGS.items():
             value = given[name]
             setattr(self, name, value if isinstance(value, cls) else cls.from_dict(value, where=f"{name}."))

@@ -27,6 +27,7 @@ from ..processing import IGNORE_INDEX
 from .connector import build_connector
 from .description_projector import DescriptionProjector
 from .input_merge import merge_multimodal_inputs
+from .lora import apply_lora, merge_lora
 from .mask_decoder import MaskDecoder
 from .pixel_decoder import MSDeformAttnPixelDecoder
 from .vision_encoder import SwinEncoder
@@ -99,6 +100,8 @@ class SegEarthR1ForReasoningSegmentation(SegEarthR1PreTrainedModel):
         hidden = config.llm_hidden_size
         self.connector = build_connector(config.connector.kind, channels[-1], hidden, config.feature_sizes[-1])
         self.language_model = self._build_language_model(config)
+        if config.lora.enabled:
+            self.language_model = apply_lora(self.language_model, config.lora)
         dp = config.description_projector
         self.description_projector = DescriptionProjector(
             llm_hidden_size=hidden, visual_channels=channels[-1], dim=dp.dim, out_dim=config.mask_decoder.hidden_dim,
@@ -266,6 +269,12 @@ class SegEarthR1ForReasoningSegmentation(SegEarthR1PreTrainedModel):
         logits = self._final_logits(decoded).float()
         logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         return SegEarthR1Prediction(mask_logits=logits, masks=logits > 0)
+
+    def merge_lora(self) -> int:
+        """Fold LoRA adapters into the LLM weights (for export); the config then says LoRA is off."""
+        merged = merge_lora(self.language_model)
+        self.config.lora.enabled = False
+        return merged
 
     # ------------------------------------------------------------------------------------------
     def trainable_parameter_report(self) -> dict[str, tuple[int, int]]:

@@ -1,0 +1,108 @@
+"""Strict YAML run configs: `base:` inheritance, dotted overrides, `${VAR:-default}` expansion.
+
+A run config has top-level sections `model:` (SegEarthR1Config fields), `init:` (where weights come
+from), `data:`, `train:` (HF TrainingArguments + ours) and `eval:`. An ablation file holds only the
+keys it changes and names its parent with `base: ../X.yaml`. Unknown keys anywhere are errors.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SECTIONS = ("model", "init", "data", "train", "eval")
+_ENV = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Recursive merge; `override` wins. Lists and scalars are replaced, dicts merged."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def expand_env(value: Any) -> Any:
+    """Expand `${VAR}` / `${VAR:-default}` in every string (so scripts and configs carry no absolute paths)."""
+    if isinstance(value, str):
+        def repl(m: re.Match) -> str:
+            env = os.environ.get(m["name"])
+            if env is None and m["default"] is None:
+                raise ValueError(f"config refers to ${{{m['name']}}} but the environment variable is not set; set it "
+                                 f"or write ${{{m['name']}:-default}}")
+            return env if env is not None else m["default"]
+        return _ENV.sub(repl, value)
+    if isinstance(value, dict):
+        return {k: expand_env(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v) for v in value]
+    return value
+
+
+def load_yaml_config(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Load a run config, resolving `base:` (relative to the file) recursively."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found (configs live in configs/, e.g. configs/tiny.yaml)")
+    resolved = path.resolve()
+    if resolved in _chain:
+        raise ValueError(f"config inheritance cycle: {' -> '.join(str(p) for p in _chain + (resolved,))}")
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config must be a mapping with sections {list(SECTIONS)}")
+    unknown = [k for k in data if k not in SECTIONS + ("base",)]
+    if unknown:
+        raise ValueError(f"{path}: unknown top-level key(s) {unknown}; allowed: base, {', '.join(SECTIONS)}")
+    for section in SECTIONS:
+        if section in data and data[section] is not None and not isinstance(data[section], dict):
+            raise ValueError(f"{path}: section {section!r} must be a mapping, found {type(data[section]).__name__}")
+    base = data.pop("base", None)
+    data = {k: (v or {}) for k, v in data.items()}
+    if base is None:
+        return data
+    return deep_merge(load_yaml_config(path.parent / base, _chain + (resolved,)), data)
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value with YAML typing (`1e-4` -> float, `true` -> bool, `[a, b]` -> list)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def set_dotted(config: dict, dotted: str, value: Any) -> None:
+    """`config["train"]["learning_rate"] = value` for `dotted="train.learning_rate"`."""
+    parts = dotted.split(".")
+    if parts[0] not in SECTIONS or len(parts) < 2:
+        raise ValueError(f"override {dotted!r} must start with a section ({', '.join(SECTIONS)}) and name a key, "
+                         "e.g. train.learning_rate=1e-4")
+    node = config
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {dotted!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def apply_overrides(config: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` strings (`--set` on the command line)."""
+    config = copy.deepcopy(config)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        key, _, value = item.partition("=")
+        set_dotted(config, key.strip(), parse_value(value))
+    return config
+
+
+def dump_yaml(config: dict) -> str:
+    return yaml.safe_dump(config, sort_keys=False, default_flow_style=None)

@@ -1,0 +1,243 @@
+"""Run-config schema and the reference command-line flags.
+
+`resolve_run_config` turns a YAML file + `--set` overrides + reference-style flags into one
+validated dict (saved as resolved_config.yaml with each run). Sections:
+    model  SegEarthR1Config fields (+ `mask_config`: a reference mask-config YAML to read dims from)
+    init   where weights come from (local paths only)
+    data   dataset, root, splits and sampling
+    train  HF TrainingArguments fields (+ `resume`)
+    eval   evaluation options used after training
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config_io import apply_overrides, deep_merge, expand_env, load_yaml_config, parse_value, set_dotted
+
+MODEL_KEYS = ("text_config", "image_size", "vision", "connector", "description_projector", "pixel_decoder",
+              "mask_decoder", "loss", "lora", "llm_attn_implementation", "mask_config")
+DATASET_ALIASES = {
+    "earthreason": "EarthReason", "rs_reason_seg": "EarthReason", "reason_seg": "EarthReason",
+    "rrsis-d": "RRSIS-D", "rrsisd": "RRSIS-D", "rrsis_d": "RRSIS-D",
+    "refsegrs": "RefSegRS", "refseg_rs": "RefSegRS",
+}
+
+
+def canonical_dataset(name: str) -> str:
+    key = str(name).lower()
+    if key not in DATASET_ALIASES:
+        raise ValueError(f"dataset {name!r} is not supported; choose EarthReason, RRSIS-D or RefSegRS")
+    return DATASET_ALIASES[key]
+
+
+def _strict(cls, data: dict, section: str):
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        hints = [f"{section}.{k}" + (f" (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, names, 1)) else "")
+                 for k in unknown]
+        raise ValueError(f"unknown config key(s): {', '.join(hints)}; valid keys in {section}: {names}")
+    return cls(**data)
+
+
+@dataclass
+class InitArgs:
+    """Local weights to start from. `llm_path` None = a randomly initialised LLM from model.text_config
+    (tests, the CPU quickstart); `mask2former_path` None = random encoder/decoders."""
+
+    llm_path: str | None = None
+    mask2former_path: str | None = None
+    tokenizer_path: str | None = None  # default: llm_path
+
+    def __post_init__(self):
+        if self.llm_path is None and self.tokenizer_path is None:
+            raise ValueError("init.tokenizer_path is required when init.llm_path is not set (the tokenizer must "
+                             "come from a local directory)")
+
+
+@dataclass
+class DataArgs:
+    dataset: str = "EarthReason"
+    data_path: str = "datasets"
+    train_split: str = "train"
+    eval_split: str = "val"
+    question_sampling: str = "first"  # EarthReason questions / RRSIS-D sentences: first | random | all
+    foreground: str = "255"  # RefSegRS mask foreground: "255" (reference) | "nonzero"
+    max_length: int | None = 2048  # model_max_length: longer prompts are truncated by the collator
+
+    def __post_init__(self):
+        self.dataset = canonical_dataset(self.dataset)
+        if self.question_sampling not in ("first", "random", "all"):
+            raise ValueError(f"data.question_sampling={self.question_sampling!r}; choose first, random or all")
+        if str(self.foreground) not in ("255", "nonzero"):
+            raise ValueError(f"data.foreground={self.foreground!r}; choose '255' or 'nonzero'")
+        self.foreground = str(self.foreground)
+
+
+@dataclass
+class EvalArgs:
+    batch_size: int = 1
+    num_vis: int = 20
+    split: str | None = None  # default: data.eval_split
+    run_after_training: bool = False
+
+
+def _training_argument_names() -> set[str]:
+    from transformers import TrainingArguments
+
+    return {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+OUR_TRAIN_KEYS = ("resume",)
+# Older TrainingArguments names the reference scripts use -> their current equivalents
+# (transformers 5 takes a warmup ratio as a float warmup_steps < 1).
+TRAIN_ALIASES = {"warmup_ratio": "warmup_steps"}
+
+
+def apply_train_aliases(train: dict) -> dict:
+    for old, new in TRAIN_ALIASES.items():
+        if old in train:
+            if new in train and train[new] != train[old]:
+                raise ValueError(f"train.{old} and train.{new} are both set; {old} is an alias of {new}")
+            train[new] = train.pop(old)
+    return train
+
+
+def validate_train_section(train: dict) -> None:
+    valid = _training_argument_names() | set(OUR_TRAIN_KEYS) | set(TRAIN_ALIASES)
+    unknown = [k for k in train if k not in valid]
+    if unknown:
+        hints = [f"train.{k}" + (f" (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, sorted(valid), 1)) else "")
+                 for k in unknown]
+        raise ValueError(f"unknown config key(s): {', '.join(hints)}; train.* takes HF TrainingArguments fields")
+
+
+def validate_run_config(config: dict) -> dict:
+    """Check every section; returns the config with typed sub-sections (as plain dicts)."""
+    from ..configuration import SegEarthR1Config
+
+    model = dict(config.get("model", {}))
+    unknown = [k for k in model if k not in MODEL_KEYS]
+    if unknown:
+        raise ValueError(f"unknown config key(s): {', '.join('model.' + k for k in unknown)}; valid: {list(MODEL_KEYS)}")
+    SegEarthR1Config(**build_model_kwargs(model))  # raises on bad sub-keys / values
+    _strict(InitArgs, config.get("init", {}), "init")
+    _strict(DataArgs, config.get("data", {}), "data")
+    _strict(EvalArgs, config.get("eval", {}), "eval")
+    validate_train_section(config.get("train", {}))
+    return config
+
+
+def build_model_kwargs(model_section: dict) -> dict:
+    """SegEarthR1Config kwargs from the model section; a `mask_config` YAML supplies the decoder dims
+    (explicit model keys win over it)."""
+    from ..reference_config import load_mask_config, mask_config_to_sections
+
+    model = dict(model_section)
+    mask_config = model.pop("mask_config", None)
+    if mask_config:
+        sections = mask_config_to_sections(load_mask_config(mask_config))
+        model = deep_merge({k: v for k, v in sections.items() if v}, model)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# reference command-line flags (PSALM/SegEarth-R1 scripts/train.sh) -> config paths
+
+REFERENCE_FLAG_PATHS: dict[str, str] = {
+    "data_path": "data.data_path",
+    "model_name_or_path": "init.llm_path",
+    "vision_tower": "init.mask2former_path",
+    "mask_config": "model.mask_config",
+    "dataset_type": "data.dataset",
+    "mm_projector_type": "model.connector.kind",
+    "model_max_length": "data.max_length",
+    "lora_r": "model.lora.r",
+    "lora_alpha": "model.lora.alpha",
+    "lora_dropout": "model.lora.dropout",
+    "lora_enable": "model.lora.enabled",
+    "question_sampling": "data.question_sampling",
+    "tokenizer_path": "init.tokenizer_path",
+}
+# Flags of the reference scripts that configure features we do not have or that are fixed here;
+# accepted (so a reference command runs unchanged) and reported as ignored.
+REFERENCE_NOOP_FLAGS = ("version", "image_aspect_ratio", "mm_use_im_start_end", "mm_use_im_patch_token",
+                        "tune_mm_mlp_adapter", "freeze_mm_mlp_adapter", "lazy_preprocess", "group_by_modality_length",
+                        "seg_task", "json_path", "region_json_path", "panoptic_json_path", "ref_coco_path",
+                        "ref_coco_plus_path", "ref_coco_g_path", "image_folder", "refcoco_image_folder",
+                        "mmconv_path", "mm_vision_select_layer", "pretrain_mm_mlp_adapter", "with_norm",
+                        "with_layernorm", "projector_outdim", "swin_type", "bits", "double_quant", "quant_type",
+                        "mm_projector_lr", "freeze_backbone", "lora_bias", "lora_weight_path")
+
+
+def split_cli_pairs(argv: list[str]) -> list[tuple[str, str]]:
+    """`--key value` / `--key=value` / `--flag` (-> "true") pairs from leftover argv."""
+    pairs, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}; flags look like --name value")
+        key = arg[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            value = argv[i + 1]
+            i += 2
+        else:
+            value = "true"
+            i += 1
+        pairs.append((key.replace("-", "_"), value))
+    return pairs
+
+
+def apply_reference_flags(config: dict, pairs: list[tuple[str, str]]) -> tuple[dict, list[str]]:
+    """Map reference flags and HF TrainingArguments flags onto the config. Returns (config, ignored)."""
+    training_names = _training_argument_names() | set(OUR_TRAIN_KEYS) | set(TRAIN_ALIASES)
+    ignored, unknown = [], []
+    for key, raw in pairs:
+        value = parse_value(raw)
+        if key in REFERENCE_FLAG_PATHS:
+            set_dotted(config, REFERENCE_FLAG_PATHS[key], value)
+        elif key == "train_backbone":
+            set_dotted(config, "model.vision.frozen", not bool(value))
+        elif key in training_names:
+            set_dotted(config, f"train.{key}", value)
+        elif key in REFERENCE_NOOP_FLAGS:
+            ignored.append(key)
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"unknown flag(s) {['--' + k for k in unknown]}: not a segearthr1 option, a reference "
+                         "train.sh flag or an HF TrainingArguments field (see python -m segearthr1.train --help)")
+    return config, ignored
+
+
+def resolve_run_config(config_path: str | Path | None, overrides: list[str] | None = None,
+                       flag_pairs: list[tuple[str, str]] | None = None) -> tuple[dict, list[str]]:
+    """YAML (+ base chain) -> --set overrides -> reference/HF flags -> env expansion -> validation."""
+    config = load_yaml_config(config_path) if config_path else {}
+    for section in ("model", "init", "data", "train", "eval"):
+        config.setdefault(section, {})
+    config = apply_overrides(config, overrides or [])
+    config, ignored = apply_reference_flags(config, flag_pairs or [])
+    config = expand_env(config)
+    apply_train_aliases(config["train"])
+    validate_run_config(config)
+    return config, ignored
+
+
+def data_args(config: dict) -> DataArgs:
+    return DataArgs(**config.get("data", {}))
+
+
+def init_args(config: dict) -> InitArgs:
+    return InitArgs(**config.get("init", {}))
+
+
+def eval_args(config: dict) -> EvalArgs:
+    return EvalArgs(**config.get("eval", {}))
