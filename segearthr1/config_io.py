@@ -15,6 +15,25 @@ from typing import Any
 import yaml
 
 SECTIONS = ("model", "init", "data", "train", "eval")
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-4` / `3E+5` as floats (YAML 1.1 needs a dot: `1.0e-4`), so a
+    learning rate written the usual way is not silently a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def _load(text_or_stream):
+    return yaml.load(text_or_stream, Loader=_Loader)
 _ENV = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
 
 
@@ -55,7 +74,7 @@ def load_yaml_config(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[st
     if resolved in _chain:
         raise ValueError(f"config inheritance cycle: {' -> '.join(str(p) for p in _chain + (resolved,))}")
     with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
+        data = _load(f) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config must be a mapping with sections {list(SECTIONS)}")
     unknown = [k for k in data if k not in SECTIONS + ("base",)]
@@ -74,7 +93,7 @@ def load_yaml_config(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[st
 def parse_value(text: str) -> Any:
     """A command-line value with YAML typing (`1e-4` -> float, `true` -> bool, `[a, b]` -> list)."""
     try:
-        return yaml.safe_load(text)
+        return _load(text)
     except yaml.YAMLError:
         return text
 

@@ -125,10 +125,10 @@ def validate_run_config(config: dict) -> dict:
     if unknown:
         raise ValueError(f"unknown config key(s): {', '.join('model.' + k for k in unknown)}; valid: {list(MODEL_KEYS)}")
     SegEarthR1Config(**build_model_kwargs(model))  # raises on bad sub-keys / values
-    _strict(InitArgs, config.get("init", {}), "init")
-    _strict(DataArgs, config.get("data", {}), "data")
-    _strict(EvalArgs, config.get("eval", {}), "eval")
     validate_train_section(config.get("train", {}))
+    # The resolved config is complete and canonical (defaults filled in, dataset names normalised).
+    for section, cls in (("init", InitArgs), ("data", DataArgs), ("eval", EvalArgs)):
+        config[section] = dataclasses.asdict(_strict(cls, config.get(section, {}), section))
     return config
 
 
@@ -206,7 +206,7 @@ def apply_reference_flags(config: dict, pairs: list[tuple[str, str]]) -> tuple[d
         elif key == "train_backbone":
             set_dotted(config, "model.vision.frozen", not bool(value))
         elif key in training_names:
-            set_dotted(config, f"train.{key}", value)
+            set_dotted(config, f"train.{TRAIN_ALIASES.get(key, key)}", value)
         elif key in REFERENCE_NOOP_FLAGS:
             ignored.append(key)
         else:
