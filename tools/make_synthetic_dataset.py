@@ -32,6 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-size", type=int, default=128, help="largest image side (e.g. 1500 for > 1024 px)")
     p.add_argument("--absent-fraction", type=float, default=0.15,
                    help="share of EarthReason samples whose target is absent")
+    p.add_argument("--num-colors", type=int, default=7,
+                   help="palette size, 4..7 (the first N of red, green, blue, yellow, purple, orange, white)")
     return p.parse_args(argv)
 
 
@@ -40,7 +42,7 @@ def main(argv=None) -> int:
     setup_logging()
     summary = generate(args.out, datasets=args.datasets, n_train=args.n_train, n_val=args.n_val,
                        n_test=args.n_val if args.n_test is None else args.n_test, seed=args.seed,
-                       min_size=args.min_size, max_size=args.max_size, absent_fraction=args.absent_fraction)
+                       min_size=args.min_size, max_size=args.max_size, absent_fraction=args.absent_fraction, num_colors=args.num_colors)
     logging.getLogger("make_synthetic_dataset").info("samples per split: %s", json.dumps(summary))
     return 0
 

@@ -11,6 +11,7 @@ Used by the tests (tiny images), the quickstart and `tools/make_synthetic_datase
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import pickle
@@ -94,6 +95,11 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return img
 
 
+def object_from_dict(data: dict) -> SceneObject:
+    """Inverse of dataclasses.asdict for the `objects` entries of generated QA files."""
+    return SceneObject(**data)
+
+
 def shape_mask(h: int, w: int, obj: SceneObject) -> np.ndarray:
     mask = np.zeros((h, w), dtype=np.uint8)
     if obj.shape == "circle":
@@ -131,10 +137,11 @@ def _place(rng: np.random.Generator, h: int, w: int, specs: list[tuple[str, str]
 
 
 def make_scene(rng: np.random.Generator, h: int, w: int, target: tuple[str, str] | None,
-               absent: tuple[str, str] | None = None) -> Scene:
-    """Scene with the `target` pair (or without the `absent` pair) plus colour/shape distractors."""
+               absent: tuple[str, str] | None = None, colors: list[str] | None = None) -> Scene:
+    """Scene with the `target` pair (or without the `absent` pair) plus colour/shape distractors
+    drawn from `colors` (default: the whole palette)."""
     ref_color, ref_shape = target or absent
-    colors, shapes = list(COLORS), list(SHAPES)
+    colors, shapes = list(colors or COLORS), list(SHAPES)
     specs = [target] if target else []
     specs.append((ref_color, str(rng.choice([s for s in shapes if s != ref_shape]))))
     specs.append((str(rng.choice([c for c in colors if c != ref_color])), ref_shape))
@@ -156,8 +163,8 @@ def make_scene(rng: np.random.Generator, h: int, w: int, target: tuple[str, str]
     return Scene(image, objects, masks)
 
 
-def _random_pair(rng: np.random.Generator) -> tuple[str, str]:
-    return str(rng.choice(list(COLORS))), str(rng.choice(SHAPES))
+def _random_pair(rng: np.random.Generator, colors: list[str]) -> tuple[str, str]:
+    return str(rng.choice(colors)), str(rng.choice(SHAPES))
 
 
 def _size(rng: np.random.Generator, min_size: int, max_size: int) -> tuple[int, int]:
@@ -205,7 +212,7 @@ def _segmentation(mask: np.ndarray, kind: int):
 
 
 # --- dataset writers ------------------------------------------------------------------------------------------------
-def _write_earthreason(root: Path, rng, counts, min_size, max_size, absent_fraction) -> dict:
+def _write_earthreason(root: Path, rng, counts, min_size, max_size, colors, absent_fraction) -> dict:
     out = {}
     for split, n in counts.items():
         base = root / "rs_reason_seg" / "RSReasonSeg" / split
@@ -213,9 +220,10 @@ def _write_earthreason(root: Path, rng, counts, min_size, max_size, absent_fract
             (base / sub).mkdir(parents=True, exist_ok=True)
         for i in range(n):
             h, w = _size(rng, min_size, max_size)
-            pair = _random_pair(rng)
+            pair = _random_pair(rng, colors)
             is_absent = bool(rng.random() < absent_fraction)
-            scene = make_scene(rng, h, w, None if is_absent else pair, absent=pair if is_absent else None)
+            scene = make_scene(rng, h, w, None if is_absent else pair, absent=pair if is_absent else None,
+                               colors=colors)
             stem = f"{split}_{i:05d}"
             _write_rgb(base / "images" / f"{stem}{'.png' if i % 4 == 3 else '.jpg'}", scene.image)
             label = np.zeros((h, w), np.uint8)
@@ -229,6 +237,8 @@ def _write_earthreason(root: Path, rng, counts, min_size, max_size, absent_fract
                 "questions": [REASONING_QUESTIONS[t].format(**words) for t in templates],
                 "answer": [] if is_absent else [a.format(**words) for a in REASONING_ANSWERS],
                 "target": {"color": pair[0], "shape": pair[1], "present": not is_absent},
+                # every drawn object (re-render with shape_mask), e.g. for the quickstart's baselines
+                "objects": [dataclasses.asdict(o) for o in scene.objects],
             }
             _write_gray(base / "labels" / f"{stem}.png", label.astype(np.uint8))
             (base / "QAs" / f"{stem}.json").write_text(json.dumps(qa, indent=1), encoding="utf-8")
@@ -236,7 +246,7 @@ def _write_earthreason(root: Path, rng, counts, min_size, max_size, absent_fract
     return out
 
 
-def _write_rrsisd(root: Path, rng, counts, min_size, max_size) -> dict:
+def _write_rrsisd(root: Path, rng, counts, min_size, max_size, colors) -> dict:
     base = root / "rs_ref_seg" / "RRSIS-D"
     img_dir = base / "images" / "rrsisd" / "JPEGImages"
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -247,7 +257,7 @@ def _write_rrsisd(root: Path, rng, counts, min_size, max_size) -> dict:
         out[split] = 0
         for _ in range(n):
             h, w = _size(rng, min_size, max_size)
-            scene = make_scene(rng, h, w, _random_pair(rng))
+            scene = make_scene(rng, h, w, _random_pair(rng, colors), colors=colors)
             image_id = len(images) + 1
             file_name = f"{image_id:05d}.jpg"
             _write_rgb(img_dir / file_name, scene.image)
@@ -283,7 +293,7 @@ def _write_rrsisd(root: Path, rng, counts, min_size, max_size) -> dict:
     return out
 
 
-def _write_refsegrs(root: Path, rng, counts, min_size, max_size) -> dict:
+def _write_refsegrs(root: Path, rng, counts, min_size, max_size, colors) -> dict:
     base = root / "rs_ref_seg" / "RefSegRS"
     (base / "images").mkdir(parents=True, exist_ok=True)
     (base / "masks").mkdir(parents=True, exist_ok=True)
@@ -293,8 +303,8 @@ def _write_refsegrs(root: Path, rng, counts, min_size, max_size) -> dict:
         lines = []
         for _ in range(n):
             h, w = _size(rng, min_size, max_size)
-            pair = _random_pair(rng)
-            scene = make_scene(rng, h, w, pair)
+            pair = _random_pair(rng, colors)
+            scene = make_scene(rng, h, w, pair, colors=colors)
             k = next(j for j, o in enumerate(scene.objects) if (o.color, o.shape) == pair)
             _write_rgb(base / "images" / f"{next_id}.tif", scene.image)
             _write_gray(base / "masks" / f"{next_id}.tif", (scene.masks[k] * 255).astype(np.uint8))
@@ -309,10 +319,13 @@ def _write_refsegrs(root: Path, rng, counts, min_size, max_size) -> dict:
 
 
 def generate(root, datasets=DATASET_NAMES, n_train: int = 8, n_val: int = 4, n_test: int = 4,
-             seed: int = 0, min_size: int = 64, max_size: int = 128, absent_fraction: float = 0.15) -> dict:
+             seed: int = 0, min_size: int = 64, max_size: int = 128, absent_fraction: float = 0.15,
+             num_colors: int = len(COLORS)) -> dict:
     """Write the chosen datasets under `root` (= DATA_ROOT); returns {dataset: {split: samples}}.
 
     n_* are images per split (RRSIS-D may add a second ref per image; RefSegRS a second phrase line).
+    `num_colors` (4..7) restricts the palette to its first N colours (an easier task, e.g. for the
+    CPU quickstart).
     Each dataset draws from its own seeded stream, so its files do not depend on the others chosen.
     """
     unknown = [d for d in datasets if d not in DATASET_NAMES]
@@ -322,6 +335,9 @@ def generate(root, datasets=DATASET_NAMES, n_train: int = 8, n_val: int = 4, n_t
         raise ValueError(f"need 24 <= min_size <= max_size, got min_size={min_size}, max_size={max_size}")
     if min(n_train, n_val, n_test) < 0:
         raise ValueError(f"split sizes must be >= 0, got {n_train}, {n_val}, {n_test}")
+    if not 4 <= num_colors <= len(COLORS):
+        raise ValueError(f"num_colors={num_colors} must be between 4 and {len(COLORS)} (the first N of {list(COLORS)})")
+    colors = list(COLORS)[:num_colors]
     if not 0.0 <= absent_fraction < 1.0:
         raise ValueError(f"absent_fraction={absent_fraction} must be in [0, 1)")
     root = Path(root)
@@ -330,10 +346,10 @@ def generate(root, datasets=DATASET_NAMES, n_train: int = 8, n_val: int = 4, n_t
     for name in datasets:
         rng = np.random.default_rng([seed, DATASET_NAMES.index(name)])
         if name == "EarthReason":
-            summary[name] = _write_earthreason(root, rng, counts, min_size, max_size, absent_fraction)
+            summary[name] = _write_earthreason(root, rng, counts, min_size, max_size, colors, absent_fraction)
         elif name == "RRSIS-D":
-            summary[name] = _write_rrsisd(root, rng, counts, min_size, max_size)
+            summary[name] = _write_rrsisd(root, rng, counts, min_size, max_size, colors)
         else:
-            summary[name] = _write_refsegrs(root, rng, counts, min_size, max_size)
+            summary[name] = _write_refsegrs(root, rng, counts, min_size, max_size, colors)
         logger.info("wrote synthetic %s under %s: %s", name, root, summary[name])
     return summary
