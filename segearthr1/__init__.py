@@ -1,7 +1,9 @@
 """segearthr1: language-guided segmentation of remote-sensing images (SegEarth-R1).
 
 Public API (imported lazily so `import segearthr1` stays light):
-    SegEarthR1Config, SegEarthR1ForReasoningSegmentation, load_pretrained, save_pretrained, Predictor
+    SegEarthR1Config, SegEarthR1ForReasoningSegmentation, load_pretrained, save_pretrained,
+    build_for_training, export_reference_release, MaskCriterion, SegmentationMeter, evaluate_model,
+    build_dataset, DataCollator, Predictor, Prediction
 """
 from __future__ import annotations
 
@@ -15,6 +17,12 @@ _EXPORTS = {
     "load_pretrained": "segearthr1.pretrained",
     "save_pretrained": "segearthr1.pretrained",
     "build_for_training": "segearthr1.pretrained",
+    "export_reference_release": "segearthr1.pretrained",
+    "MaskCriterion": "segearthr1.losses",
+    "SegmentationMeter": "segearthr1.evaluation.metrics",
+    "evaluate_model": "segearthr1.evaluate",
+    "build_dataset": "segearthr1.data.registry",
+    "DataCollator": "segearthr1.data.collate",
     "Predictor": "segearthr1.inference.predictor",
     "Prediction": "segearthr1.inference.predictor",
 }

@@ -167,6 +167,9 @@ class MaskDecoderConfig(_SubConfig):
     pre_norm: bool = False
     enforce_input_project: bool = False
     query: str = "description"
+    # Faithful default: the reference's explicit attention kernel (bit-exact). True = SDPA kernel,
+    # ~1e-6 different, which can flip masked-attention bits of near-zero logits.
+    sdpa_attention: bool = False
 
     def __post_init__(self):
         _check_choice("mask_decoder.query", self.query, ("description", "learned"))

@@ -32,12 +32,15 @@ GROUND_TONES = ((128, 116, 92), (96, 118, 82), (140, 132, 114), (104, 104, 98), 
 DATASET_NAMES = ("EarthReason", "RRSIS-D", "RefSegRS")
 SPLITS = ("train", "val", "test")
 
+# Kept short on purpose: the model mean-pools the question's hidden states, so in long questions the
+# colour and shape words are a small share of the description embedding and a tiny model from
+# scratch learns the grounding several times slower (measured for the CPU quickstart).
 REASONING_QUESTIONS = (
-    "Which {color} {shape} could serve as a landmark for pilots flying over this area?",
-    "Where is the {color} {shape} located in this scene?",
-    "If a drone had to land on the {color} {shape}, which region should it aim for?",
-    "Which part of the image would a surveyor mark as the {color} {shape}?",
-    "Where could the {color} {shape} be found in this image?",
+    "Where is the {color} {shape}?",
+    "Which {color} {shape} marks a landing spot?",
+    "Where could a drone land on the {color} {shape}?",
+    "Which area holds the {color} {shape}?",
+    "Where should a surveyor mark the {color} {shape}?",
 )
 REASONING_ANSWERS = (
     "The {color} {shape} at the {position} of the image is the target.",

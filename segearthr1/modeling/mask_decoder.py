@@ -42,11 +42,11 @@ UNUSED_PARAMETERS = (
     "CLASS_proj.layers.1.bias",
 )
 
-# nn.MultiheadAttention is called with need_weights=True, like the reference: that selects the explicit
-# (baddbmm + softmax) kernel path, which reproduces the reference bit-exactly, whereas the SDPA path
-# (need_weights=False) differs by ~1e-6 — enough to flip sigmoid(logit) < 0.5 mask bits of near-zero
-# logits and diverge in later layers. The extra head-averaged weights are [B, Q, S]: negligible for one query.
-_ATTN_NEED_WEIGHTS = True
+# By default nn.MultiheadAttention is called with need_weights=True, like the reference (the PyTorch
+# default): that selects the explicit (baddbmm + softmax) kernel path, which reproduces the reference
+# bit-exactly, whereas the SDPA path (need_weights=False) differs by ~1e-6 — enough to flip
+# sigmoid(logit) < 0.5 mask bits of near-zero logits and diverge in later layers. The head-averaged
+# weights it returns are [B, Q, S]: negligible for one query. `sdpa_attention=True` opts into SDPA.
 
 # Sigmoid probability below which a memory position is hidden from the query (Mask2Former).
 MASK_THRESHOLD = 0.5
@@ -62,19 +62,21 @@ def _xavier_matrices(module: nn.Module) -> None:
 class SelfAttentionLayer(nn.Module):
     """Self-attention among the queries with add & LayerNorm (post-norm unless pre_norm)."""
 
-    def __init__(self, d_model: int, nhead: int, dropout: float = 0.0, pre_norm: bool = False) -> None:
+    def __init__(self, d_model: int, nhead: int, dropout: float = 0.0, pre_norm: bool = False,
+                 sdpa: bool = False) -> None:
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
         self.norm = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
         self.pre_norm = pre_norm
+        self.sdpa = sdpa
         _xavier_matrices(self)
 
     def forward(self, tgt: torch.Tensor, query_pos: torch.Tensor | None = None) -> torch.Tensor:
         """tgt, query_pos: [Q, B, C] (sequence first, as the reference)."""
         x = self.norm(tgt) if self.pre_norm else tgt
         q = x if query_pos is None else x + query_pos
-        out = self.self_attn(q, q, value=x, need_weights=_ATTN_NEED_WEIGHTS)[0]
+        out = self.self_attn(q, q, value=x, need_weights=not self.sdpa)[0]
         tgt = tgt + self.dropout(out)
         return tgt if self.pre_norm else self.norm(tgt)
 
@@ -82,12 +84,14 @@ class SelfAttentionLayer(nn.Module):
 class CrossAttentionLayer(nn.Module):
     """Masked cross-attention from the queries to one memory level, with add & LayerNorm."""
 
-    def __init__(self, d_model: int, nhead: int, dropout: float = 0.0, pre_norm: bool = False) -> None:
+    def __init__(self, d_model: int, nhead: int, dropout: float = 0.0, pre_norm: bool = False,
+                 sdpa: bool = False) -> None:
         super().__init__()
         self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
         self.norm = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
         self.pre_norm = pre_norm
+        self.sdpa = sdpa
         _xavier_matrices(self)
 
     def forward(
@@ -101,7 +105,7 @@ class CrossAttentionLayer(nn.Module):
         """tgt [Q, B, C]; memory, pos [S, B, C]; memory_mask [B*heads, Q, S] bool (True = blocked)."""
         x = self.norm(tgt) if self.pre_norm else tgt
         q = x if query_pos is None else x + query_pos
-        out = self.multihead_attn(q, memory + pos, value=memory, attn_mask=memory_mask, need_weights=_ATTN_NEED_WEIGHTS)[0]
+        out = self.multihead_attn(q, memory + pos, value=memory, attn_mask=memory_mask, need_weights=not self.sdpa)[0]
         tgt = tgt + self.dropout(out)
         return tgt if self.pre_norm else self.norm(tgt)
 
@@ -166,6 +170,7 @@ class MaskDecoder(nn.Module):
         num_feature_levels: int = 3,
         enforce_input_project: bool = False,
         query_mode: str = "description",
+        sdpa_attention: bool = False,
     ) -> None:
         super().__init__()
         if query_mode not in QUERY_MODES:
@@ -185,10 +190,10 @@ class MaskDecoder(nn.Module):
         self.pe_layer = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
 
         self.transformer_self_attention_layers = nn.ModuleList(
-            SelfAttentionLayer(hidden_dim, nheads, pre_norm=pre_norm) for _ in range(num_layers)
+            SelfAttentionLayer(hidden_dim, nheads, pre_norm=pre_norm, sdpa=sdpa_attention) for _ in range(num_layers)
         )
         self.transformer_cross_attention_layers = nn.ModuleList(
-            CrossAttentionLayer(hidden_dim, nheads, pre_norm=pre_norm) for _ in range(num_layers)
+            CrossAttentionLayer(hidden_dim, nheads, pre_norm=pre_norm, sdpa=sdpa_attention) for _ in range(num_layers)
         )
         self.transformer_ffn_layers = nn.ModuleList(
             FFNLayer(hidden_dim, dim_feedforward, pre_norm=pre_norm) for _ in range(num_layers)

@@ -119,7 +119,7 @@ class SegEarthR1ForReasoningSegmentation(SegEarthR1PreTrainedModel):
             in_channels=pd.conv_dim, hidden_dim=md.hidden_dim, num_queries=md.num_queries, nheads=md.num_heads,
             dim_feedforward=md.dim_feedforward, num_layers=md.num_layers, mask_dim=pd.mask_dim,
             pre_norm=md.pre_norm, num_feature_levels=len(pd.transformer_in_features),
-            enforce_input_project=md.enforce_input_project, query_mode=md.query)
+            enforce_input_project=md.enforce_input_project, query_mode=md.query, sdpa_attention=md.sdpa_attention)
         lc = config.loss
         self.criterion = MaskCriterion(
             num_points=lc.num_points, oversample_ratio=lc.oversample_ratio,

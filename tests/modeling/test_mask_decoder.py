@@ -162,3 +162,20 @@ def test_argument_errors():
         dec(feats, mask_features, query[:, :, :16])
     with pytest.raises(ValueError, match="query_mode"):
         _tiny(query_mode="both")
+
+
+def test_sdpa_attention_option_stays_within_tolerance_of_the_reference(reference):
+    """The opt-in SDPA kernel is not bit-exact but stays within the fixture tolerance on this input."""
+    from segearthr1.modeling.mask_decoder import MaskDecoder
+
+    fx = reference("mask_decoder.pt")
+    cfg = fx["meta"]["config"]
+    model = MaskDecoder(in_channels=cfg["in_channels"], hidden_dim=cfg["hidden_dim"], num_queries=cfg["num_queries"],
+                        nheads=cfg["nheads"], dim_feedforward=cfg["dim_feedforward"], num_layers=cfg["dec_layers"],
+                        mask_dim=cfg["mask_dim"], sdpa_attention=True)
+    model.load_state_dict(fx["state_dict"], strict=True)
+    model.eval()
+    with torch.no_grad():
+        out = model(fx["multi_scale_features"], fx["mask_features"], fx["SEG_embedding"])
+    assert all(layer.sdpa for layer in model.transformer_cross_attention_layers)
+    torch.testing.assert_close(out.pred_masks, fx["pred_masks"], atol=1e-4, rtol=1e-4)
