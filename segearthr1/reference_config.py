@@ -6,13 +6,13 @@ with a `_BASE_` chain. We read only the keys that shape the model (`MODEL.SWIN.*
 `MODEL.SEM_SEG_HEAD.*`, `MODEL.MASK_FORMER.*`); everything else in those files is ignored."""
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .config_io import deep_merge
 from .configuration import PHI_1_5_TEXT_CONFIG, SegEarthR1Config
 from .errors import CheckpointNotFoundError
 
@@ -29,16 +29,6 @@ _LLAMA_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_lay
                "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta",
                "rope_scaling", "initializer_range", "bos_token_id", "eos_token_id", "tie_word_embeddings",
                "attention_bias", "mlp_bias", "head_dim", "pretraining_tp")
-
-
-def _deep_merge(base: dict, override: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 def load_mask_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -59,7 +49,7 @@ def load_mask_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str
     if base is None:
         return data
     parent = load_mask_config(path.parent / base, _seen + (resolved,))
-    return _deep_merge(parent, data)
+    return deep_merge(parent, data)
 
 
 def _get(cfg: dict, dotted: str, default=None):

@@ -66,39 +66,37 @@ class SparseConvConnector(nn.Module):
         return _flatten_map(self.fc(x))
 
 
-class LinearConnector(nn.Linear):
+class _PerPositionTokens:
+    """Mixin for connectors that emit one token per res5 position (no compression)."""
+
+    feature_size: int
+
+    def num_tokens(self, feature_size: int | None = None) -> int:
+        """One token per res5 position (defaults to the size given at construction)."""
+        size = self.feature_size if feature_size is None else feature_size
+        return size * size
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return super().forward(_flatten_map(features))
+
+
+class LinearConnector(_PerPositionTokens, nn.Linear):
     """One Linear per res5 position; parameter names ``weight``/``bias`` like the reference's bare nn.Linear."""
 
     def __init__(self, in_channels: int, out_channels: int, feature_size: int = 32):
         super().__init__(in_channels, out_channels)
         self.feature_size = feature_size
 
-    def num_tokens(self, feature_size: int | None = None) -> int:
-        """One token per res5 position (defaults to the size given at construction)."""
-        size = self.feature_size if feature_size is None else feature_size
-        return size * size
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return super().forward(_flatten_map(features))
-
-
-class MLPGeluConnector(nn.Sequential):
+class MLPGeluConnector(_PerPositionTokens, nn.Sequential):
     """``mlp2x_gelu``: Linear -> GELU -> Linear per res5 position (names ``0.*``, ``2.*``)."""
 
     def __init__(self, in_channels: int, out_channels: int, feature_size: int = 32):
         super().__init__(nn.Linear(in_channels, out_channels), nn.GELU(), nn.Linear(out_channels, out_channels))
         self.feature_size = feature_size
 
-    def num_tokens(self, feature_size: int | None = None) -> int:
-        """One token per res5 position (defaults to the size given at construction)."""
-        size = self.feature_size if feature_size is None else feature_size
-        return size * size
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return super().forward(_flatten_map(features))
-
-
-class IdentityConnector(nn.Module):
+class IdentityConnector(_PerPositionTokens, nn.Module):
     """Flattened res5 map as tokens; only valid when the encoder width equals the LLM width."""
 
     def __init__(self, in_channels: int, out_channels: int, feature_size: int = 32):
@@ -107,11 +105,6 @@ class IdentityConnector(nn.Module):
             raise ValueError(f"identity connector needs in_channels == out_channels; got {in_channels} -> "
                              f"{out_channels}. Pick another connector (e.g. 'linear') or match the widths")
         self.feature_size = feature_size
-
-    def num_tokens(self, feature_size: int | None = None) -> int:
-        """One token per res5 position (defaults to the size given at construction)."""
-        size = self.feature_size if feature_size is None else feature_size
-        return size * size
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return _flatten_map(features)
