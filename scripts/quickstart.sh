@@ -8,7 +8,7 @@
 # Environment (all optional):
 #   QUICKSTART_DIR    where everything goes (default outputs/quickstart)
 #   NPROC             training processes (default 2)
-#   QUICKSTART_TRAIN  generated training images (default 1500)
+#   QUICKSTART_TRAIN  generated training images (default 4000)
 #   QUICKSTART_VAL    generated validation images (default 100)
 #   QUICKSTART_EPOCHS training epochs (default: configs/tiny.yaml)
 # Exit status: 0 when the model learned (see tools/quickstart_report.py), 1 when it did not.
@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 OUT=${QUICKSTART_DIR:-outputs/quickstart}
 DATA=$OUT/data
 NPROC=${NPROC:-2}
-N_TRAIN=${QUICKSTART_TRAIN:-1500}
+N_TRAIN=${QUICKSTART_TRAIN:-4000}
 N_VAL=${QUICKSTART_VAL:-100}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1
 start=$(date +%s)
@@ -25,7 +25,7 @@ start=$(date +%s)
 echo "[quickstart] 1/4 generating synthetic EarthReason data in $DATA"
 rm -rf "$DATA"
 python3 tools/make_synthetic_dataset.py --out "$DATA" --datasets EarthReason --n-train "$N_TRAIN" \
-  --n-val "$N_VAL" --n-test 0 --seed 0 --min-size 96 --max-size 256 --num-colors 4
+  --n-val "$N_VAL" --n-test 0 --seed 0 --min-size 160 --max-size 256 --num-colors 4 --object-scale 1.5
 
 echo "[quickstart] 2/4 training configs/tiny.yaml with deepspeed ($NPROC CPU processes)"
 rm -rf "$OUT/train"

@@ -34,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="share of EarthReason samples whose target is absent")
     p.add_argument("--num-colors", type=int, default=7,
                    help="palette size, 4..7 (the first N of red, green, blue, yellow, purple, orange, white)")
+    p.add_argument("--object-scale", type=float, default=1.0,
+                   help="multiply the shapes' radii (8-17%% of the short side) by this, 0.5..2")
     return p.parse_args(argv)
 
 
@@ -42,7 +44,8 @@ def main(argv=None) -> int:
     setup_logging()
     summary = generate(args.out, datasets=args.datasets, n_train=args.n_train, n_val=args.n_val,
                        n_test=args.n_val if args.n_test is None else args.n_test, seed=args.seed,
-                       min_size=args.min_size, max_size=args.max_size, absent_fraction=args.absent_fraction, num_colors=args.num_colors)
+                       min_size=args.min_size, max_size=args.max_size, absent_fraction=args.absent_fraction,
+                       num_colors=args.num_colors, object_scale=args.object_scale)
     logging.getLogger("make_synthetic_dataset").info("samples per split: %s", json.dumps(summary))
     return 0
 

@@ -115,9 +115,10 @@ def shape_mask(h: int, w: int, obj: SceneObject) -> np.ndarray:
     return mask
 
 
-def _place(rng: np.random.Generator, h: int, w: int, specs: list[tuple[str, str]]) -> list[SceneObject]:
+def _place(rng: np.random.Generator, h: int, w: int, specs: list[tuple[str, str]],
+           object_scale: float = 1.0) -> list[SceneObject]:
     """Non-overlapping placement; shrinks all objects and retries when the image is crowded."""
-    scale = 1.0
+    scale = object_scale
     while True:
         placed: list[SceneObject] = []
         for color, shape in specs:
@@ -135,14 +136,15 @@ def _place(rng: np.random.Generator, h: int, w: int, specs: list[tuple[str, str]
         if len(placed) == len(specs):
             return placed
         scale *= 0.8
-        if scale < 0.2:
+        if scale < 0.2 * object_scale:
             raise ValueError(f"cannot place {len(specs)} shapes in a {h}x{w} image; use min_size >= 24")
 
 
 def make_scene(rng: np.random.Generator, h: int, w: int, target: tuple[str, str] | None,
-               absent: tuple[str, str] | None = None, colors: list[str] | None = None) -> Scene:
+               absent: tuple[str, str] | None = None, colors: list[str] | None = None,
+               object_scale: float = 1.0) -> Scene:
     """Scene with the `target` pair (or without the `absent` pair) plus colour/shape distractors
-    drawn from `colors` (default: the whole palette)."""
+    drawn from `colors` (default: the whole palette); radii are 8-17% of the short side x object_scale."""
     ref_color, ref_shape = target or absent
     colors, shapes = list(colors or COLORS), list(SHAPES)
     specs = [target] if target else []
@@ -154,7 +156,7 @@ def make_scene(rng: np.random.Generator, h: int, w: int, target: tuple[str, str]
         specs.append(pool[int(k)])
     specs = [specs[i] for i in rng.permutation(len(specs))]
 
-    objects = _place(rng, h, w, specs)
+    objects = _place(rng, h, w, specs, object_scale)
     image = _background(rng, h, w)
     masks = []
     for obj in objects:
@@ -215,7 +217,7 @@ def _segmentation(mask: np.ndarray, kind: int):
 
 
 # --- dataset writers ------------------------------------------------------------------------------------------------
-def _write_earthreason(root: Path, rng, counts, min_size, max_size, colors, absent_fraction) -> dict:
+def _write_earthreason(root: Path, rng, counts, min_size, max_size, colors, object_scale, absent_fraction) -> dict:
     out = {}
     for split, n in counts.items():
         base = root / "rs_reason_seg" / "RSReasonSeg" / split
@@ -226,7 +228,7 @@ def _write_earthreason(root: Path, rng, counts, min_size, max_size, colors, abse
             pair = _random_pair(rng, colors)
             is_absent = bool(rng.random() < absent_fraction)
             scene = make_scene(rng, h, w, None if is_absent else pair, absent=pair if is_absent else None,
-                               colors=colors)
+                               colors=colors, object_scale=object_scale)
             stem = f"{split}_{i:05d}"
             _write_rgb(base / "images" / f"{stem}{'.png' if i % 4 == 3 else '.jpg'}", scene.image)
             label = np.zeros((h, w), np.uint8)
@@ -249,7 +251,7 @@ def _write_earthreason(root: Path, rng, counts, min_size, max_size, colors, abse
     return out
 
 
-def _write_rrsisd(root: Path, rng, counts, min_size, max_size, colors) -> dict:
+def _write_rrsisd(root: Path, rng, counts, min_size, max_size, colors, object_scale) -> dict:
     base = root / "rs_ref_seg" / "RRSIS-D"
     img_dir = base / "images" / "rrsisd" / "JPEGImages"
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -260,7 +262,7 @@ def _write_rrsisd(root: Path, rng, counts, min_size, max_size, colors) -> dict:
         out[split] = 0
         for _ in range(n):
             h, w = _size(rng, min_size, max_size)
-            scene = make_scene(rng, h, w, _random_pair(rng, colors), colors=colors)
+            scene = make_scene(rng, h, w, _random_pair(rng, colors), colors=colors, object_scale=object_scale)
             image_id = len(images) + 1
             file_name = f"{image_id:05d}.jpg"
             _write_rgb(img_dir / file_name, scene.image)
@@ -296,7 +298,7 @@ def _write_rrsisd(root: Path, rng, counts, min_size, max_size, colors) -> dict:
     return out
 
 
-def _write_refsegrs(root: Path, rng, counts, min_size, max_size, colors) -> dict:
+def _write_refsegrs(root: Path, rng, counts, min_size, max_size, colors, object_scale) -> dict:
     base = root / "rs_ref_seg" / "RefSegRS"
     (base / "images").mkdir(parents=True, exist_ok=True)
     (base / "masks").mkdir(parents=True, exist_ok=True)
@@ -307,7 +309,7 @@ def _write_refsegrs(root: Path, rng, counts, min_size, max_size, colors) -> dict
         for _ in range(n):
             h, w = _size(rng, min_size, max_size)
             pair = _random_pair(rng, colors)
-            scene = make_scene(rng, h, w, pair, colors=colors)
+            scene = make_scene(rng, h, w, pair, colors=colors, object_scale=object_scale)
             k = next(j for j, o in enumerate(scene.objects) if (o.color, o.shape) == pair)
             _write_rgb(base / "images" / f"{next_id}.tif", scene.image)
             _write_gray(base / "masks" / f"{next_id}.tif", (scene.masks[k] * 255).astype(np.uint8))
@@ -323,12 +325,12 @@ def _write_refsegrs(root: Path, rng, counts, min_size, max_size, colors) -> dict
 
 def generate(root, datasets=DATASET_NAMES, n_train: int = 8, n_val: int = 4, n_test: int = 4,
              seed: int = 0, min_size: int = 64, max_size: int = 128, absent_fraction: float = 0.15,
-             num_colors: int = len(COLORS)) -> dict:
+             num_colors: int = len(COLORS), object_scale: float = 1.0) -> dict:
     """Write the chosen datasets under `root` (= DATA_ROOT); returns {dataset: {split: samples}}.
 
     n_* are images per split (RRSIS-D may add a second ref per image; RefSegRS a second phrase line).
-    `num_colors` (4..7) restricts the palette to its first N colours (an easier task, e.g. for the
-    CPU quickstart).
+    `num_colors` (4..7) restricts the palette to its first N colours and `object_scale` (0.5..2)
+    scales the shapes' radii (easier tasks, e.g. for the CPU quickstart).
     Each dataset draws from its own seeded stream, so its files do not depend on the others chosen.
     """
     unknown = [d for d in datasets if d not in DATASET_NAMES]
@@ -341,6 +343,8 @@ def generate(root, datasets=DATASET_NAMES, n_train: int = 8, n_val: int = 4, n_t
     if not 4 <= num_colors <= len(COLORS):
         raise ValueError(f"num_colors={num_colors} must be between 4 and {len(COLORS)} (the first N of {list(COLORS)})")
     colors = list(COLORS)[:num_colors]
+    if not 0.5 <= object_scale <= 2.0:
+        raise ValueError(f"object_scale={object_scale} must be in [0.5, 2.0]")
     if not 0.0 <= absent_fraction < 1.0:
         raise ValueError(f"absent_fraction={absent_fraction} must be in [0, 1)")
     root = Path(root)
@@ -349,10 +353,10 @@ def generate(root, datasets=DATASET_NAMES, n_train: int = 8, n_val: int = 4, n_t
     for name in datasets:
         rng = np.random.default_rng([seed, DATASET_NAMES.index(name)])
         if name == "EarthReason":
-            summary[name] = _write_earthreason(root, rng, counts, min_size, max_size, colors, absent_fraction)
+            summary[name] = _write_earthreason(root, rng, counts, min_size, max_size, colors, object_scale, absent_fraction)
         elif name == "RRSIS-D":
-            summary[name] = _write_rrsisd(root, rng, counts, min_size, max_size, colors)
+            summary[name] = _write_rrsisd(root, rng, counts, min_size, max_size, colors, object_scale)
         else:
-            summary[name] = _write_refsegrs(root, rng, counts, min_size, max_size, colors)
+            summary[name] = _write_refsegrs(root, rng, counts, min_size, max_size, colors, object_scale)
         logger.info("wrote synthetic %s under %s: %s", name, root, summary[name])
     return summary

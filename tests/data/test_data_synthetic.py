@@ -123,3 +123,32 @@ def test_cli(tmp_path, monkeypatch):
     assert len(list((tmp_path / "rs_reason_seg" / "RSReasonSeg" / "test" / "QAs").iterdir())) == 1
     assert (tmp_path / "rs_ref_seg" / "RefSegRS" / "output_phrase_train.txt").is_file()
     assert not (tmp_path / "rs_ref_seg" / "RRSIS-D").exists()
+
+
+def test_palette_and_object_scale_options(tmp_path):
+    from segearthr1.data.synthetic import object_from_dict, shape_mask
+
+    generate(tmp_path / "small", datasets=("EarthReason",), n_train=6, n_val=0, n_test=0, seed=3, num_colors=4,
+             min_size=160, max_size=200)
+    generate(tmp_path / "big", datasets=("EarthReason",), n_train=6, n_val=0, n_test=0, seed=3, num_colors=4,
+             min_size=160, max_size=200, object_scale=1.5)
+    radii = {}
+    for name in ("small", "big"):
+        qa_dir = tmp_path / name / "rs_reason_seg" / "RSReasonSeg" / "train" / "QAs"
+        records = [json.loads(p.read_text()) for p in sorted(qa_dir.glob("*.json"))]
+        used = {o["color"] for r in records for o in r["objects"]}
+        assert used <= set(list(COLORS)[:4])
+        radii[name] = np.mean([o["radius"] for r in records for o in r["objects"]])
+        for path, record in zip(sorted(qa_dir.glob("*.json")), records):  # `objects` re-render the label
+            label = cv2.imread(str(path.parent.parent / "labels" / f"{path.stem}.png"), cv2.IMREAD_GRAYSCALE)
+            target = [object_from_dict(o) for o in record["objects"]
+                      if (o["color"], o["shape"]) == (record["target"]["color"], record["target"]["shape"])]
+            if record["target"]["present"]:
+                assert np.array_equal(shape_mask(*label.shape, target[0]) > 0, label > 0)
+            else:
+                assert not target and label.max() == 0
+    assert radii["big"] > 1.2 * radii["small"]
+    with pytest.raises(ValueError, match="num_colors"):
+        generate(tmp_path / "bad", datasets=("EarthReason",), n_train=1, num_colors=3)
+    with pytest.raises(ValueError, match="object_scale"):
+        generate(tmp_path / "bad", datasets=("EarthReason",), n_train=1, object_scale=3.0)
