@@ -17,6 +17,7 @@ TINY_OVERRIDES = [
     "model.image_size=64", "model.vision.embed_dim=16", "model.vision.depths=[1,1,1,1]",
     "model.vision.num_heads=[1,1,1,1]", "train.per_device_train_batch_size=2", "train.logging_steps=1",
     "train.save_strategy=steps", "train.save_steps=2", "train.save_total_limit=3",
+    "train.deepspeed=scripts/zero2.json",  # the reference default (tiny.yaml itself uses ZeRO-1 for CPU speed)
 ]
 
 
