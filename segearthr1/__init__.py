@@ -7,7 +7,7 @@ Public API (imported lazily so `import segearthr1` stays light):
 """
 from __future__ import annotations
 
-import importlib
+from ._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -30,7 +30,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'segearthr1' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

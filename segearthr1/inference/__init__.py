@@ -7,7 +7,7 @@ pulls in torch and transformers.
 """
 from __future__ import annotations
 
-import importlib
+from .._lazy import lazy_getattr
 
 _EXPORTS = {
     "Predictor": "segearthr1.inference.predictor",
@@ -19,7 +19,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'segearthr1.inference' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
