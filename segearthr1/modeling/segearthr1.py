@@ -202,8 +202,9 @@ class SegEarthR1ForReasoningSegmentation(SegEarthR1PreTrainedModel):
 
     @property
     def connector_dtype(self) -> torch.dtype:
-        return next(self.connector.parameters()).dtype if any(True for _ in self.connector.parameters()) \
-            else self.get_input_embeddings().weight.dtype
+        """The connector's dtype (the identity connector has no parameters: use the LLM's)."""
+        param = next(self.connector.parameters(), None)
+        return (param if param is not None else self.get_input_embeddings().weight).dtype
 
     def _lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Next-token cross entropy, mean over target tokens; logits only where a target exists."""
@@ -215,7 +216,7 @@ class SegEarthR1ForReasoningSegmentation(SegEarthR1PreTrainedModel):
         return F.cross_entropy(logits.float(), shift_labels[keep])
 
     @staticmethod
-    def _dataset_type(dataset_type: Sequence[str] | str | None, batch: int) -> str:
+    def _dataset_type(dataset_type: Sequence[str] | str | None) -> str:
         if dataset_type is None:
             return REFER_SEG
         kinds = {dataset_type} if isinstance(dataset_type, str) else set(dataset_type)
@@ -225,7 +226,7 @@ class SegEarthR1ForReasoningSegmentation(SegEarthR1PreTrainedModel):
 
     def forward(self, input_ids, attention_mask, images, masks, token_refer_id, labels=None,
                 token_answer_id=None, dataset_type=None, **unused) -> SegEarthR1Output:
-        kind = self._dataset_type(dataset_type, input_ids.shape[0])
+        kind = self._dataset_type(dataset_type)
         if kind == REFER_SEG:
             token_answer_id = None
         merged, hidden, decoded = self._run(input_ids, attention_mask, images, token_refer_id,
@@ -262,7 +263,7 @@ class SegEarthR1ForReasoningSegmentation(SegEarthR1PreTrainedModel):
     def predict(self, input_ids, attention_mask, images, token_refer_id, token_answer_id=None,
                 dataset_type=None, **unused) -> SegEarthR1Prediction:
         """Mask logits upsampled (bilinear, align_corners=False) to the input size S, and `logits > 0`."""
-        kind = self._dataset_type(dataset_type, input_ids.shape[0])
+        kind = self._dataset_type(dataset_type)
         if kind == REFER_SEG:
             token_answer_id = None
         _, _, decoded = self._run(input_ids, attention_mask, images, token_refer_id, token_answer_id=token_answer_id)
