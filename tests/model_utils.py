@@ -1,7 +1,6 @@
 """Tiny random SegEarth-R1 models and batches for tests (real tokenizer, real prompt encoding)."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -42,11 +41,6 @@ def tiny_model(seed: int = 0, **kw) -> SegEarthR1ForReasoningSegmentation:
 
 def trained_tokenizer(use_fast: bool = False):
     return AutoTokenizer.from_pretrained(str(TOKENIZER_TRAINED), use_fast=use_fast)
-
-
-def copy_tokenizer(dst: Path) -> None:
-    for f in TOKENIZER_TRAINED.iterdir():
-        shutil.copy(f, dst / f.name)
 
 
 def make_batch(kind: str = "reason_seg", batch_size: int = 2, image_size: int = 64, seed: int = 0,

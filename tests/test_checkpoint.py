@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model_utils import REFERENCE, TINY_PHI, copy_tokenizer, make_batch, tiny_config, tiny_model, trained_tokenizer
+from model_utils import REFERENCE, TINY_PHI, make_batch, tiny_config, tiny_model, trained_tokenizer
 from segearthr1.checkpoint import (UNUSED_REFERENCE_PARAMETERS, UPSTREAM_KEY_MAP, convert_upstream_state_dict,
                                    fuse_qkv, rename_to_upstream_key, rename_upstream_key, split_fused_qkv)
 from segearthr1.configuration import SegEarthR1Config

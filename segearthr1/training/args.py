@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ..config_io import apply_overrides, deep_merge, expand_env, load_yaml_config, parse_value, set_dotted
 
