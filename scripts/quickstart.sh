@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The embedded default, end to end on CPU: generate a synthetic EarthReason-format dataset, train the
-# tiny model (configs/tiny.yaml) with the real DeepSpeed launcher (2 processes, gloo, ZeRO-2), evaluate
-# on the generated validation split, and compare with two trivial baselines.
+# tiny model (configs/tiny.yaml) with the real DeepSpeed launcher (2 processes, gloo, scripts/zero0.json),
+# evaluate on the generated validation split, and compare with two trivial baselines.
 #
 #   bash scripts/quickstart.sh
 #
@@ -9,7 +9,7 @@
 #   QUICKSTART_DIR    where everything goes (default outputs/quickstart)
 #   NPROC             training processes (default 2)
 #   QUICKSTART_TRAIN  generated training images (default 4000)
-#   QUICKSTART_VAL    generated validation images (default 100)
+#   QUICKSTART_VAL    generated validation images (default 400)
 #   QUICKSTART_EPOCHS training epochs (default: configs/tiny.yaml)
 # Exit status: 0 when the model learned (see tools/quickstart_report.py), 1 when it did not.
 set -euo pipefail
@@ -18,14 +18,14 @@ OUT=${QUICKSTART_DIR:-outputs/quickstart}
 DATA=$OUT/data
 NPROC=${NPROC:-2}
 N_TRAIN=${QUICKSTART_TRAIN:-4000}
-N_VAL=${QUICKSTART_VAL:-100}
+N_VAL=${QUICKSTART_VAL:-400}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1
 start=$(date +%s)
 
 echo "[quickstart] 1/4 generating synthetic EarthReason data in $DATA"
 rm -rf "$DATA"
 python3 tools/make_synthetic_dataset.py --out "$DATA" --datasets EarthReason --n-train "$N_TRAIN" \
-  --n-val "$N_VAL" --n-test 0 --seed 0 --min-size 192 --max-size 256 --num-colors 4 --object-scale 1.8
+  --n-val "$N_VAL" --n-test 0 --seed 0 --min-size 192 --max-size 256 --num-colors 4 --object-scale 1.8 --color-distractor-prob 0.5
 
 echo "[quickstart] 2/4 training configs/tiny.yaml with deepspeed ($NPROC CPU processes)"
 rm -rf "$OUT/train"

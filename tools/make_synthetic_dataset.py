@@ -36,6 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="palette size, 4..7 (the first N of red, green, blue, yellow, purple, orange, white)")
     p.add_argument("--object-scale", type=float, default=1.0,
                    help="multiply the shapes' radii (8-17%% of the short side) by this, 0.5..2")
+    p.add_argument("--color-distractor-prob", type=float, default=1.0,
+                   help="share of scenes with a second object of the target's colour (a same-shape distractor "
+                        "is always drawn), 0..1")
     return p.parse_args(argv)
 
 
@@ -45,7 +48,8 @@ def main(argv=None) -> int:
     summary = generate(args.out, datasets=args.datasets, n_train=args.n_train, n_val=args.n_val,
                        n_test=args.n_val if args.n_test is None else args.n_test, seed=args.seed,
                        min_size=args.min_size, max_size=args.max_size, absent_fraction=args.absent_fraction,
-                       num_colors=args.num_colors, object_scale=args.object_scale)
+                       num_colors=args.num_colors, object_scale=args.object_scale,
+                       color_distractor_prob=args.color_distractor_prob)
     logging.getLogger("make_synthetic_dataset").info("samples per split: %s", json.dumps(summary))
     return 0
 

@@ -3,7 +3,8 @@
 Each image shows >= 3 coloured shapes (7 colours x 3 shapes) on a textured, earth-toned background
 with roads. The target is named by colour + shape; the scene always holds distractors that share
 its colour *or* its shape, and every (colour, shape) pair occurs at most once per image, so the
-expression is unambiguous but cannot be solved from colour or shape alone. About
+expression is unambiguous but cannot be solved from colour or shape alone (`color_distractor_prob`
+< 1 leaves the same-colour distractor out of some scenes, for an easier task). About
 `absent_fraction` of the EarthReason samples ask for a pair that is not in the image (empty answer
 list, empty label). Sizes and aspect ratios vary per image between `min_size` and `max_size`.
 
@@ -142,15 +143,27 @@ def _place(rng: np.random.Generator, h: int, w: int, specs: list[tuple[str, str]
 
 def make_scene(rng: np.random.Generator, h: int, w: int, target: tuple[str, str] | None,
                absent: tuple[str, str] | None = None, colors: list[str] | None = None,
-               object_scale: float = 1.0) -> Scene:
+               object_scale: float = 1.0, color_distractor_prob: float = 1.0) -> Scene:
     """Scene with the `target` pair (or without the `absent` pair) plus colour/shape distractors
-    drawn from `colors` (default: the whole palette); radii are 8-17% of the short side x object_scale."""
+    drawn from `colors` (default: the whole palette); radii are 8-17% of the short side x object_scale.
+
+    A same-shape distractor is always drawn; a same-colour one with probability `color_distractor_prob`
+    (otherwise the scene holds no other object of the target's colour, and an object of another colour
+    and shape takes its place). At 1.0 no random number is drawn for it, so scenes stay as before.
+    """
     ref_color, ref_shape = target or absent
     colors, shapes = list(colors or COLORS), list(SHAPES)
     specs = [target] if target else []
-    specs.append((ref_color, str(rng.choice([s for s in shapes if s != ref_shape]))))
+    color_twin = color_distractor_prob >= 1.0 or bool(rng.random() < color_distractor_prob)
+    other_shape = str(rng.choice([s for s in shapes if s != ref_shape]))
+    if color_twin:
+        specs.append((ref_color, other_shape))
     specs.append((str(rng.choice([c for c in colors if c != ref_color])), ref_shape))
-    pool = [(c, s) for c in colors for s in shapes if (c, s) != (ref_color, ref_shape) and (c, s) not in specs]
+    if not color_twin:
+        specs.append((str(rng.choice([c for c in colors if c != ref_color and (c, other_shape) not in specs])),
+                      other_shape))
+    pool = [(c, s) for c in colors for s in shapes if (c, s) != (ref_color, ref_shape) and (c, s) not in specs
+            and (color_twin or c != ref_color)]
     n_extra = int(rng.integers(0 if target else 1, 3))
     for k in rng.choice(len(pool), size=n_extra, replace=False):
         specs.append(pool[int(k)])
@@ -217,7 +230,8 @@ def _segmentation(mask: np.ndarray, kind: int):
 
 
 # --- dataset writers ------------------------------------------------------------------------------------------------
-def _write_earthreason(root: Path, rng, counts, min_size, max_size, colors, object_scale, absent_fraction) -> dict:
+def _write_earthreason(root: Path, rng, counts, min_size, max_size, colors, object_scale, absent_fraction,
+                       color_distractor_prob) -> dict:
     out = {}
     for split, n in counts.items():
         base = root / "rs_reason_seg" / "RSReasonSeg" / split
@@ -228,7 +242,7 @@ def _write_earthreason(root: Path, rng, counts, min_size, max_size, colors, obje
             pair = _random_pair(rng, colors)
             is_absent = bool(rng.random() < absent_fraction)
             scene = make_scene(rng, h, w, None if is_absent else pair, absent=pair if is_absent else None,
-                               colors=colors, object_scale=object_scale)
+                               colors=colors, object_scale=object_scale, color_distractor_prob=color_distractor_prob)
             stem = f"{split}_{i:05d}"
             _write_rgb(base / "images" / f"{stem}{'.png' if i % 4 == 3 else '.jpg'}", scene.image)
             label = np.zeros((h, w), np.uint8)
@@ -251,7 +265,7 @@ def _write_earthreason(root: Path, rng, counts, min_size, max_size, colors, obje
     return out
 
 
-def _write_rrsisd(root: Path, rng, counts, min_size, max_size, colors, object_scale) -> dict:
+def _write_rrsisd(root: Path, rng, counts, min_size, max_size, colors, object_scale, color_distractor_prob) -> dict:
     base = root / "rs_ref_seg" / "RRSIS-D"
     img_dir = base / "images" / "rrsisd" / "JPEGImages"
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -262,7 +276,8 @@ def _write_rrsisd(root: Path, rng, counts, min_size, max_size, colors, object_sc
         out[split] = 0
         for _ in range(n):
             h, w = _size(rng, min_size, max_size)
-            scene = make_scene(rng, h, w, _random_pair(rng, colors), colors=colors, object_scale=object_scale)
+            scene = make_scene(rng, h, w, _random_pair(rng, colors), colors=colors, object_scale=object_scale,
+                               color_distractor_prob=color_distractor_prob)
             image_id = len(images) + 1
             file_name = f"{image_id:05d}.jpg"
             _write_rgb(img_dir / file_name, scene.image)
@@ -298,7 +313,7 @@ def _write_rrsisd(root: Path, rng, counts, min_size, max_size, colors, object_sc
     return out
 
 
-def _write_refsegrs(root: Path, rng, counts, min_size, max_size, colors, object_scale) -> dict:
+def _write_refsegrs(root: Path, rng, counts, min_size, max_size, colors, object_scale, color_distractor_prob) -> dict:
     base = root / "rs_ref_seg" / "RefSegRS"
     (base / "images").mkdir(parents=True, exist_ok=True)
     (base / "masks").mkdir(parents=True, exist_ok=True)
@@ -309,7 +324,8 @@ def _write_refsegrs(root: Path, rng, counts, min_size, max_size, colors, object_
         for _ in range(n):
             h, w = _size(rng, min_size, max_size)
             pair = _random_pair(rng, colors)
-            scene = make_scene(rng, h, w, pair, colors=colors, object_scale=object_scale)
+            scene = make_scene(rng, h, w, pair, colors=colors, object_scale=object_scale,
+                               color_distractor_prob=color_distractor_prob)
             k = next(j for j, o in enumerate(scene.objects) if (o.color, o.shape) == pair)
             _write_rgb(base / "images" / f"{next_id}.tif", scene.image)
             _write_gray(base / "masks" / f"{next_id}.tif", (scene.masks[k] * 255).astype(np.uint8))
@@ -325,12 +341,13 @@ def _write_refsegrs(root: Path, rng, counts, min_size, max_size, colors, object_
 
 def generate(root, datasets=DATASET_NAMES, n_train: int = 8, n_val: int = 4, n_test: int = 4,
              seed: int = 0, min_size: int = 64, max_size: int = 128, absent_fraction: float = 0.15,
-             num_colors: int = len(COLORS), object_scale: float = 1.0) -> dict:
+             num_colors: int = len(COLORS), object_scale: float = 1.0, color_distractor_prob: float = 1.0) -> dict:
     """Write the chosen datasets under `root` (= DATA_ROOT); returns {dataset: {split: samples}}.
 
     n_* are images per split (RRSIS-D may add a second ref per image; RefSegRS a second phrase line).
     `num_colors` (4..7) restricts the palette to its first N colours and `object_scale` (0.5..2)
-    scales the shapes' radii (easier tasks, e.g. for the CPU quickstart).
+    scales the shapes' radii and `color_distractor_prob` (0..1) is the share of scenes with a second object
+    of the target's colour (easier tasks, e.g. for the CPU quickstart; see `make_scene`).
     Each dataset draws from its own seeded stream, so its files do not depend on the others chosen.
     """
     unknown = [d for d in datasets if d not in DATASET_NAMES]
@@ -345,6 +362,8 @@ def generate(root, datasets=DATASET_NAMES, n_train: int = 8, n_val: int = 4, n_t
     colors = list(COLORS)[:num_colors]
     if not 0.5 <= object_scale <= 2.0:
         raise ValueError(f"object_scale={object_scale} must be in [0.5, 2.0]")
+    if not 0.0 <= color_distractor_prob <= 1.0:
+        raise ValueError(f"color_distractor_prob={color_distractor_prob} must be in [0, 1]")
     if not 0.0 <= absent_fraction < 1.0:
         raise ValueError(f"absent_fraction={absent_fraction} must be in [0, 1)")
     root = Path(root)
@@ -353,10 +372,13 @@ def generate(root, datasets=DATASET_NAMES, n_train: int = 8, n_val: int = 4, n_t
     for name in datasets:
         rng = np.random.default_rng([seed, DATASET_NAMES.index(name)])
         if name == "EarthReason":
-            summary[name] = _write_earthreason(root, rng, counts, min_size, max_size, colors, object_scale, absent_fraction)
+            summary[name] = _write_earthreason(root, rng, counts, min_size, max_size, colors, object_scale, absent_fraction,
+                                               color_distractor_prob)
         elif name == "RRSIS-D":
-            summary[name] = _write_rrsisd(root, rng, counts, min_size, max_size, colors, object_scale)
+            summary[name] = _write_rrsisd(root, rng, counts, min_size, max_size, colors, object_scale,
+                                          color_distractor_prob)
         else:
-            summary[name] = _write_refsegrs(root, rng, counts, min_size, max_size, colors, object_scale)
+            summary[name] = _write_refsegrs(root, rng, counts, min_size, max_size, colors, object_scale,
+                                            color_distractor_prob)
         logger.info("wrote synthetic %s under %s: %s", name, root, summary[name])
     return summary

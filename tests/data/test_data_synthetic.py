@@ -39,6 +39,22 @@ def test_scene_rules():
         assert stacked.sum(axis=(1, 2)).min() > 0 and stacked.sum(axis=0).max() == 1  # visible, no overlap
 
 
+@pytest.mark.parametrize("prob", [0.0, 0.5])
+def test_color_distractor_prob(prob):
+    rng = np.random.default_rng(1)
+    twins = []
+    for i in range(60):
+        target = (list(COLORS)[i % len(COLORS)], SHAPES[i % len(SHAPES)])
+        absent = i % 5 == 0
+        scene = make_scene(rng, 64, 64, None if absent else target, absent=target if absent else None,
+                           color_distractor_prob=prob)
+        pairs = [(o.color, o.shape) for o in scene.objects]
+        assert len(pairs) >= 3 and len(set(pairs)) == len(pairs) and (target in pairs) != absent
+        assert any(c != target[0] and s == target[1] for c, s in pairs)  # the same-shape distractor stays
+        twins.append(any(c == target[0] and s != target[1] for c, s in pairs))
+    assert sum(twins) == 0 if prob == 0.0 else 15 <= sum(twins) <= 45
+
+
 def test_generated_layouts_and_content(tmp_path):
     summary = generate(tmp_path, n_train=40, n_val=2, n_test=2, seed=5, min_size=40, max_size=90)
     assert summary["EarthReason"] == {"train": 40, "val": 2, "test": 2}
