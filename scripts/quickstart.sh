@@ -25,7 +25,8 @@ start=$(date +%s)
 echo "[quickstart] 1/4 generating synthetic EarthReason data in $DATA"
 rm -rf "$DATA"
 python3 tools/make_synthetic_dataset.py --out "$DATA" --datasets EarthReason --n-train "$N_TRAIN" \
-  --n-val "$N_VAL" --n-test 0 --seed 0 --min-size 192 --max-size 256 --num-colors 4 --object-scale 1.8 --color-distractor-prob 0.5
+  --n-val "$N_VAL" --n-test 0 --seed 0 --min-size 192 --max-size 256 --num-colors 4 --object-scale 1.8 \
+  --color-distractor-prob 0.5
 
 echo "[quickstart] 2/4 training configs/tiny.yaml with deepspeed ($NPROC CPU processes)"
 rm -rf "$OUT/train"

@@ -58,23 +58,18 @@ def test_reference_recipe_defaults(monkeypatch):
         "text_config": SegEarthR1Config().to_dict()["text_config"]}
 
 
-def test_unknown_keys_are_errors(tmp_path):
-    bad = tmp_path / "bad.yaml"
+@pytest.mark.parametrize("body, message", [
+    ("base: ok.yaml\nmodel: {conector: {kind: linear}}\n", "model.conector"),
+    ("base: ok.yaml\nmodel: {connector: {knd: linear}}\n", "did you mean kind"),
+    ("base: ok.yaml\ntrain: {learning_rat: 1}\n", "did you mean learning_rate"),
+    ("base: ok.yaml\ndata: {dataset: EarthReason, question_sampling: every}\n", "question_sampling"),
+    ("trainer: {}\n", "top-level"),
+])
+def test_unknown_keys_are_errors(tmp_path, body, message):
     (tmp_path / "ok.yaml").write_text("init: {tokenizer_path: tok}\n")
-    bad.write_text("base: ok.yaml\nmodel: {conector: {kind: linear}}\n")
-    with pytest.raises(ValueError, match="model.conector"):
-        resolve_run_config(bad)
-    bad.write_text("base: ok.yaml\nmodel: {connector: {knd: linear}}\n")
-    with pytest.raises(ValueError, match="did you mean kind"):
-        resolve_run_config(bad)
-    bad.write_text("base: ok.yaml\ntrain: {learning_rat: 1}\n")
-    with pytest.raises(ValueError, match="did you mean learning_rate"):
-        resolve_run_config(bad)
-    bad.write_text("base: ok.yaml\ndata: {dataset: EarthReason, question_sampling: every}\n")
-    with pytest.raises(ValueError, match="question_sampling"):
-        resolve_run_config(bad)
-    bad.write_text("trainer: {}\n")
-    with pytest.raises(ValueError, match="top-level"):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(body)
+    with pytest.raises(ValueError, match=message):
         resolve_run_config(bad)
 
 

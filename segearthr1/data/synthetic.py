@@ -160,8 +160,7 @@ def make_scene(rng: np.random.Generator, h: int, w: int, target: tuple[str, str]
         specs.append((ref_color, other_shape))
     specs.append((str(rng.choice([c for c in colors if c != ref_color])), ref_shape))
     if not color_twin:
-        specs.append((str(rng.choice([c for c in colors if c != ref_color and (c, other_shape) not in specs])),
-                      other_shape))
+        specs.append((str(rng.choice([c for c in colors if c != ref_color])), other_shape))
     pool = [(c, s) for c in colors for s in shapes if (c, s) != (ref_color, ref_shape) and (c, s) not in specs
             and (color_twin or c != ref_color)]
     n_extra = int(rng.integers(0 if target else 1, 3))
