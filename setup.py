@@ -30,7 +30,12 @@ setup(
         "rasterio>=1.3",
         "shapely>=2.0",
         "pillow>=9.0",
+        "pyproj>=3.4",
+        "matplotlib>=3.7",
+        "tensorboard>=2.14",
+        "gradio>=4.0",
     ],
-    extras_require={"test": ["pytest>=7.4", "pytest-timeout>=2.1"]},
+    # selenium drives Debian's headless chromium in the browser tests (skipped when chromium is absent).
+    extras_require={"test": ["pytest>=7.4", "pytest-timeout>=2.1", "selenium>=4.15"]},
     entry_points={"console_scripts": ["segearthr1=segearthr1.cli:main"]},
 )

@@ -17,6 +17,10 @@ COMMANDS = {
     "predict": ("segearthr1.inference.predict_cli", "masks for your own images: original resolution, CRS, polygons"),
     "train": ("segearthr1.train", "train or fine-tune a model from a YAML config"),
     "evaluate": ("segearthr1.evaluate", "benchmark metrics (gIoU/cIoU) on a dataset split"),
+    "compare": ("segearthr1.evaluation.compare", "paired comparison of evaluation runs (bootstrap CIs)"),
+    "benchmark": ("segearthr1.benchmark", "time, FLOPs, MFU and memory of a config's model (random init)"),
+    "check-data": ("segearthr1.data.check", "verify a whole dataset in one pass and list every problem"),
+    "demo": ("segearthr1.inference.demo", "web demo: upload an image, ask a question, see the mask"),
 }
 
 
