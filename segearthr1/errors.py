@@ -23,3 +23,7 @@ class CheckpointNotFoundError(FileNotFoundError):
 
 class DependencyNotFoundError(ImportError):
     """An optional dependency is missing; the message names the install command."""
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss, gradient, weight or logit is NaN/Inf; the message names the step or sample and what to do."""
