@@ -254,6 +254,8 @@ class SegEarthR1Config(PretrainedConfig):
         seg_token_id / pad_token_id: ids of `[SEG]` and `[PAD]` after the tokenizer set-up (DESIGN §2.4).
         attn_implementation: attention backend requested for the LLM (`sdpa` default; never eager
             with attention maps as the reference did).
+        compile: torch.compile the encoder, connector and decoders (`model.compile: true` in a run config;
+            off by default: compilation takes minutes and needs a C++ compiler on CPU).
     """
 
     model_type = "segearthr1"
@@ -273,6 +275,7 @@ class SegEarthR1Config(PretrainedConfig):
         seg_token_id: int | None = None,
         pad_token_id: int | None = None,
         llm_attn_implementation: str = "sdpa",
+        compile: bool = False,
         **kwargs,
     ):
         self.text_config = build_text_config(text_config)
@@ -284,6 +287,7 @@ class SegEarthR1Config(PretrainedConfig):
             setattr(self, name, value if isinstance(value, cls) else cls.from_dict(value, where=f"{name}."))
         self.seg_token_id = seg_token_id
         self.llm_attn_implementation = llm_attn_implementation
+        self.compile = bool(compile)
         super().__init__(pad_token_id=pad_token_id, **kwargs)
         self._validate()
 

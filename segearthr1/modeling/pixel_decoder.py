@@ -112,7 +112,8 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
         )
         sizes = [h * w for h, w in shapes]
         level_start_index = torch.tensor([0] + sizes[:-1], device=src_flat.device).cumsum(0)
-        reference_points = self.reference_points(shapes, src_flat.shape[0], src_flat.device, src_flat.dtype)
+        # Pixel centres stay float32 in a bf16/fp16 model (bf16 would move them by up to half a pixel).
+        reference_points = self.reference_points(shapes, src_flat.shape[0], src_flat.device, torch.float32)
         memory = self.encoder(src_flat, pos_flat, reference_points, shapes, level_start_index)
         return memory, shapes, level_start_index
 
@@ -123,8 +124,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
     Differences from the original Mask2Former that the reference (and so we) have: the FPN lateral
     conv has a bias and is followed by GN **and ReLU**; the FPN convs are nn.Sequential(conv, GN[, ReLU])
     (names `adapter_k.{0,1}`, `layer_k.{0,1}`).
-    Inputs are used in their own dtype; the reference casts them to float32 (deformable attention in
-    reduced precision loses sub-pixel accuracy), so run this module in float32.
+    Inputs are used in their own dtype (the projections and FFNs run in the model's dtype); the
+    deformable sampling itself (reference points, locations, softmax weights, bilinear sampling) always
+    runs in float32, because reduced precision loses the sub-pixel accuracy it depends on.
     """
 
     def __init__(

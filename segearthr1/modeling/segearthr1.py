@@ -127,7 +127,18 @@ class SegEarthR1ForReasoningSegmentation(SegEarthR1PreTrainedModel):
             dice_weight=lc.dice_weight, class_weight=lc.class_weight)
         if vc.frozen:
             self.vision_encoder.requires_grad_(False)
+        # Optional per-stage instrumentation (segearthr1.perf.StageTimer): called with each stage's
+        # output, returns it (possibly wrapped for backward timing). None costs nothing.
+        self.stage_observer: Callable[[str, object], object] | None = None
         self.post_init()
+        if config.compile:
+            self.compile_modules()
+
+    def compile_modules(self) -> None:
+        """torch.compile the encoder and both decoders in place (parameter names unchanged). The LLM is
+        left to HF (dynamic sequence lengths recompile too often to pay off)."""
+        for module in (self.vision_encoder, self.connector, self.pixel_decoder, self.mask_decoder):
+            module.compile(dynamic=False)
 
     # ------------------------------------------------------------------------------------------
     @staticmethod
@@ -182,22 +193,29 @@ class SegEarthR1ForReasoningSegmentation(SegEarthR1PreTrainedModel):
     def _vision_dtype(self) -> torch.dtype:
         return self.vision_encoder.patch_embed.proj.weight.dtype
 
-    def _run(self, input_ids, attention_mask, images, token_refer_id, labels=None, token_answer_id=None,
-             need_lm_logits: bool = False):
-        features = self.encode_images(images)
+    def _stage(self, name: str, value):
+        """Hand a stage's output to the observer (benchmarks); identity when none is set."""
+        return value if self.stage_observer is None else self.stage_observer(name, value)
+
+    def _run(self, input_ids, attention_mask, images, token_refer_id, labels=None, token_answer_id=None):
+        features = self._stage("vision_encoder", self.encode_images(images))
         res5 = features["res5"]
         embed = self.get_input_embeddings()
-        visual = self.connector(res5.to(self.connector_dtype)).to(embed.weight.dtype)
+        visual = self._stage("connector", self.connector(res5.to(self.connector_dtype)).to(embed.weight.dtype))
         merged = merge_multimodal_inputs(
             input_ids, attention_mask, labels, embed, visual, token_refer_id, token_answer_id,
             seg_token_id=self.config.seg_token_id, keep_seg_token=self.config.keep_seg_token)
         base = self.language_model.get_decoder()
         hidden = base(inputs_embeds=merged.inputs_embeds, attention_mask=merged.attention_mask.long(),
                       use_cache=False, return_dict=True).last_hidden_state
-        query = self.description_projector(hidden, merged.description_mask, res5.to(hidden.dtype))
+        hidden = self._stage("llm", hidden)
+        query = self._stage("description_projector",
+                            self.description_projector(hidden, merged.description_mask, res5.to(hidden.dtype)))
         decoder_dtype = self.pixel_decoder.mask_features.weight.dtype
-        pixel = self.pixel_decoder.forward_features({k: v.to(decoder_dtype) for k, v in features.items()})
-        decoded = self.mask_decoder(pixel.multi_scale_features, pixel.mask_features, query.to(decoder_dtype))
+        pixel = self._stage("pixel_decoder", self.pixel_decoder.forward_features(
+            {k: v.to(decoder_dtype) for k, v in features.items()}))
+        decoded = self._stage("mask_decoder", self.mask_decoder(
+            pixel.multi_scale_features, pixel.mask_features, query.to(decoder_dtype)))
         return merged, hidden, decoded
 
     @property

@@ -9,6 +9,7 @@ that behaviour, so the block/stage logic lives here; the timm building blocks (`
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Sequence
@@ -59,6 +60,29 @@ def _window_reverse(windows: torch.Tensor, window_size: int, height: int, width:
     b, _, _, c = windows.shape
     x = windows.view(b, height // window_size, width // window_size, window_size, window_size, c)
     return x.permute(0, 1, 3, 2, 4, 5).reshape(b, height, width, c)
+
+
+@functools.lru_cache(maxsize=64)
+def _window_token_index(height: int, width: int, window_size: int, shift: int, device: torch.device
+                        ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Token gather indices that do pad -> cyclic shift -> window partition in one copy, and back.
+
+    Returns (to_windows [nW*N], from_windows [H*W], padded). ``to_windows[j]`` is the raster index of
+    the token at windowed position j, or H*W (a zero row appended to the tokens) for padding;
+    ``from_windows[t]`` is the windowed position of raster token t, so gathering with it also crops.
+    Pure data movement, so the result is bit-identical to F.pad + torch.roll + view/permute, which
+    cost five to eight full copies of the feature map per block (roll alone is two ``cat`` per dim).
+    """
+    hp, wp = height + (-height) % window_size, width + (-width) % window_size
+    rows = torch.arange(hp)[:, None].expand(hp, wp)
+    cols = torch.arange(wp)[None, :].expand(hp, wp)
+    raster = torch.where((rows < height) & (cols < width), rows * width + cols, torch.tensor(height * width))
+    if shift:
+        raster = torch.roll(raster, shifts=(-shift, -shift), dims=(0, 1))
+    to_windows = _window_partition(raster[None, :, :, None], window_size).reshape(-1)
+    from_windows = torch.empty(height * width + 1, dtype=torch.long)
+    from_windows[to_windows] = torch.arange(to_windows.numel())
+    return to_windows.to(device), from_windows[:-1].to(device), bool(hp != height or wp != width)
 
 
 def _shift_region_mask(height: int, width: int, window_size: int, shift: int, device: torch.device) -> torch.Tensor:
@@ -118,7 +142,9 @@ class WindowAttention(nn.Module):
         """[heads, N, N] bias looked up from the table."""
         n = self.window_size * self.window_size
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        return bias.view(n, n, self.num_heads).permute(2, 0, 1)
+        # contiguous: added to the [nW, 1, N, N] shift mask, a permuted bias would make the sum
+        # channels-last and its reshape below a full copy (48 MB per shifted Swin-B stage-3 block)
+        return bias.view(n, n, self.num_heads).permute(2, 0, 1).contiguous()
 
     def forward(self, windows: torch.Tensor, shift_mask: torch.Tensor | None) -> torch.Tensor:
         """windows [B, nW, N, C]; shift_mask [nW, N, N] additive or None -> [B, nW, N, C].
@@ -160,18 +186,14 @@ class SwinBlock(nn.Module):
     def forward(self, x: torch.Tensor, height: int, width: int, shift_mask: torch.Tensor | None) -> torch.Tensor:
         b, _, c = x.shape
         ws = self.window_size
-        y = self.norm1(x).view(b, height, width, c)
-        pad_b, pad_r = (-height) % ws, (-width) % ws
-        # Padded zero tokens are deliberately NOT masked: the reference lets them take part in attention.
-        y = F.pad(y, (0, 0, 0, pad_r, 0, pad_b))
-        hp, wp = height + pad_b, width + pad_r
-        if self.shift_size:
-            y = torch.roll(y, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
-        y = self.attn(_window_partition(y, ws), shift_mask if self.shift_size else None)
-        y = _window_reverse(y, ws, hp, wp)
-        if self.shift_size:
-            y = torch.roll(y, shifts=(self.shift_size, self.shift_size), dims=(1, 2))
-        y = y[:, :height, :width].reshape(b, height * width, c)
+        to_windows, from_windows, padded = _window_token_index(height, width, ws, self.shift_size, x.device)
+        y = self.norm1(x)
+        if padded:
+            # Padded zero tokens are deliberately NOT masked: the reference lets them take part in attention.
+            y = torch.cat([y, y.new_zeros(b, 1, c)], dim=1)
+        windows = y.index_select(1, to_windows).view(b, -1, ws * ws, c)  # pad + shift + partition
+        y = self.attn(windows, shift_mask if self.shift_size else None)
+        y = y.reshape(b, -1, c).index_select(1, from_windows)  # reverse + unshift + crop
         x = x + self.drop_path(y)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
