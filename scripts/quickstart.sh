@@ -26,7 +26,8 @@ echo "[quickstart] 1/4 generating synthetic EarthReason data in $DATA"
 rm -rf "$DATA"
 python3 tools/make_synthetic_dataset.py --out "$DATA" --datasets EarthReason --n-train "$N_TRAIN" \
   --n-val "$N_VAL" --n-test 0 --seed 0 --min-size 192 --max-size 256 --num-colors 4 --object-scale 1.8 \
-  --color-distractor-prob 0.5
+  --color-distractor-prob 0.5 --workers "$NPROC"
+t_data=$(date +%s)
 
 echo "[quickstart] 2/4 training configs/tiny.yaml with deepspeed ($NPROC CPU processes)"
 rm -rf "$OUT/train"
@@ -35,20 +36,25 @@ if [ -n "${QUICKSTART_EPOCHS:-}" ]; then EXTRA+=(--set "train.num_train_epochs=$
 deepspeed --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29511}" --module segearthr1.train \
   --config configs/tiny.yaml --set "data.data_path=$DATA" --set "train.output_dir=$OUT/train" "${EXTRA[@]}"
 
+t_train=$(date +%s)
 echo "[quickstart] 3/4 evaluating on the generated validation split"
 python3 -m segearthr1.evaluate --model_path "$OUT/train/final" --data_path "$DATA" --data_split val \
   --dataset_type EarthReason --output_dir "$OUT/eval" --vis_path "$OUT/eval/overlays" --num_vis 12 \
   --batch_size 8 --num_workers 0
 
+t_eval=$(date +%s)
 echo "[quickstart] 4/4 comparing with trivial baselines"
 status=0
 python3 tools/quickstart_report.py --data_path "$DATA" --data_split val --metrics "$OUT/eval/metrics.json" \
   --report "$OUT/report.json" || status=$?
-python3 - "$OUT" "$(( $(date +%s) - start ))" <<'PY'
+python3 - "$OUT" "$(( $(date +%s) - start ))" "$(( t_data - start ))" "$(( t_train - t_data ))" \
+  "$(( t_eval - t_train ))" <<'PY'
 import json, sys
 out, seconds = sys.argv[1], int(sys.argv[2])
+data_s, train_s, eval_s = (int(v) for v in sys.argv[3:6])
 m = json.load(open(f"{out}/eval/metrics.json"))
 print(f"\n[quickstart] validation gIoU {m['giou']:.4f}  cIoU {m['ciou']:.4f}  ({m['num_samples']} samples, {seconds // 60} min {seconds % 60} s)")
+print(f"[quickstart] time: data {data_s} s, training {train_s} s (launcher start-up included), evaluation {eval_s} s")
 print(f"[quickstart] metrics:     {out}/eval/metrics.json  (per sample: {out}/eval/per_sample.csv)")
 print(f"[quickstart] predictions: {out}/eval/predictions/   overlays: {out}/eval/overlays/")
 print(f"[quickstart] model:       {out}/train/final   baselines: {out}/report.json")

@@ -20,6 +20,26 @@ from segearthr1.modeling.vision_encoder import SwinEncoder
 
 REL_TOL = 5e-2
 MASK_AGREEMENT = 0.99
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (tools/gpu_check.sh runs these on a GPU)")])]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    if request.param == "cuda":  # fp32 parity on CUDA means no TF32 shortcuts
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return torch.device(request.param)
+
+
+def on(device, *tensors):
+    return [t.to(device) for t in tensors]
+
+
+def assert_fp32_parity(module_out, fixture_out, device, what: str) -> None:
+    """On CUDA also check fp32 against the reference recording (CPU parity is tested in tests/modeling)."""
+    if device.type != "cpu":
+        torch.testing.assert_close(module_out.float().cpu(), fixture_out, atol=1e-5, rtol=1e-4, msg=lambda m: f"{what}: {m}")
 
 
 def rel_error(low: torch.Tensor, ref: torch.Tensor) -> float:
@@ -33,9 +53,9 @@ def assert_close_low(low, ref, tol: float = REL_TOL, what: str = "output") -> No
     assert err < tol, f"{what}: relative error {err:.3g} >= {tol}"
 
 
-def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+def _cast(module: torch.nn.Module, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.nn.Module:
     import copy
-    return copy.deepcopy(module).to(dtype)
+    return copy.deepcopy(module).to(device=device, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------- regression
@@ -77,15 +97,18 @@ def test_msdeformattn_layer_low_precision_full_dims(dtype):
 
 
 # ---------------------------------------------------------------------------------------------- modules
-def test_swin_bf16_golden_weights(reference):
+def test_swin_bf16_golden_weights(reference, device):
     fx = reference("swin.pt")
     enc = SwinEncoder(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=12, drop_path_rate=0.0)
     enc.load_state_dict(fx["state_dict"])
     enc.eval()
+    x = fx["x1"].to(device)  # 200x264: every padding path
     with torch.no_grad():
-        low = _cast(enc, torch.bfloat16)(fx["x1"].bfloat16())  # 200x264: every padding path
+        full = _cast(enc, torch.float32, device)(x)
+        low = _cast(enc, torch.bfloat16, device)(x.bfloat16())
     for name, ref in zip(("res2", "res3", "res4", "res5"), fx["out1"]):
-        assert_close_low(low[name], ref, what=f"swin {name}")
+        assert_fp32_parity(full[name], ref, device, f"swin {name}")
+        assert_close_low(low[name].cpu(), ref, what=f"swin {name}")
 
 
 def test_swin_b_dims_bf16():
@@ -100,24 +123,28 @@ def test_swin_b_dims_bf16():
         assert_close_low(low[name], ref[name], what=f"swin-B {name}")
 
 
-def test_connector_bf16_golden_weights(reference):
+def test_connector_bf16_golden_weights(reference, device):
     fx = reference("connector.pt")
     con = build_connector("sparse_conv", 64, 48, 32)
     con.load_state_dict(fx["state_dict"])
+    x = fx["x"].to(device)
     with torch.no_grad():
-        low = _cast(con, torch.bfloat16)(fx["x"].bfloat16())
-    assert_close_low(low, fx["y"], what="connector")
+        assert_fp32_parity(_cast(con, torch.float32, device)(x), fx["y"], device, "connector")
+        low = _cast(con, torch.bfloat16, device)(x.bfloat16())
+    assert_close_low(low.cpu(), fx["y"], what="connector")
 
 
-def test_description_projector_bf16_golden_weights(reference):
+def test_description_projector_bf16_golden_weights(reference, device):
     fx = reference("description_projector.pt")
     cfg = fx["meta"]["config"]
     perceiver = PerceiverResampler(dim=cfg["dim"], depth=cfg["depth"], dim_head=cfg["dim_head"], heads=cfg["heads"],
-                                   ff_mult=cfg["ff_mult"])
+                                   ff_mult=cfg["ff_mult"]).eval()
     perceiver.load_state_dict(fx["state_dict"])
+    latents, x = on(device, fx["latents"], fx["x"])
     with torch.no_grad():
-        low = _cast(perceiver.eval(), torch.bfloat16)(latents=fx["latents"].bfloat16(), x=fx["x"].bfloat16())
-    assert_close_low(low, fx["y"], what="perceiver")
+        assert_fp32_parity(_cast(perceiver, torch.float32, device)(latents=latents, x=x), fx["y"], device, "perceiver")
+        low = _cast(perceiver, torch.bfloat16, device)(latents=latents.bfloat16(), x=x.bfloat16())
+    assert_close_low(low.cpu(), fx["y"], what="perceiver")
 
 
 def test_description_projector_full_dims_bf16():
@@ -135,18 +162,21 @@ def test_description_projector_full_dims_bf16():
     assert_close_low(low, ref, what="description projector (full dims)")
 
 
-def test_pixel_decoder_bf16_golden_weights(reference):
+def test_pixel_decoder_bf16_golden_weights(reference, device):
     from modeling.test_pixel_decoder import _from_fixture_config
 
     fx = reference("pixel_decoder.pt")
     dec = _from_fixture_config(fx["meta"]["config"])
     dec.load_state_dict(fx["state_dict"])
     dec.eval()
+    feats = {k: v.to(device) for k, v in fx["features"].items()}
     with torch.no_grad():
-        low = _cast(dec, torch.bfloat16).forward_features({k: v.bfloat16() for k, v in fx["features"].items()})
-    assert_close_low(low.mask_features, fx["mask_features"], what="pixel decoder mask_features")
+        full = _cast(dec, torch.float32, device).forward_features(feats)
+        low = _cast(dec, torch.bfloat16, device).forward_features({k: v.bfloat16() for k, v in feats.items()})
+    assert_fp32_parity(full.mask_features, fx["mask_features"], device, "pixel decoder mask_features")
+    assert_close_low(low.mask_features.cpu(), fx["mask_features"], what="pixel decoder mask_features")
     for mine, ref in zip(low.multi_scale_features, fx["multi_scale_features"]):
-        assert_close_low(mine, ref, what="pixel decoder multi-scale")
+        assert_close_low(mine.cpu(), ref, what="pixel decoder multi-scale")
 
 
 def test_pixel_decoder_full_dims_bf16():
@@ -161,35 +191,49 @@ def test_pixel_decoder_full_dims_bf16():
     assert_close_low(low.mask_features, ref.mask_features, what="pixel decoder (full dims)")
 
 
-def test_mask_decoder_bf16_golden_weights(reference):
+def test_mask_decoder_bf16_golden_weights(reference, device):
     from modeling.test_mask_decoder import _from_fixture
 
     fx = reference("mask_decoder.pt")
     dec = _from_fixture(fx)
+    feats = on(device, *fx["multi_scale_features"])
+    mask_features, query = on(device, fx["mask_features"], fx["SEG_embedding"])
     with torch.no_grad():
-        low = _cast(dec, torch.bfloat16)([f.bfloat16() for f in fx["multi_scale_features"]],
-                                         fx["mask_features"].bfloat16(), fx["SEG_embedding"].bfloat16())
-    assert_close_low(low.pred_masks, fx["pred_masks"], what="mask decoder")
-    agree = ((low.pred_masks.float() > 0) == (fx["pred_masks"] > 0)).float().mean().item()
+        full = _cast(dec, torch.float32, device)(feats, mask_features, query)
+        low = _cast(dec, torch.bfloat16, device)([f.bfloat16() for f in feats], mask_features.bfloat16(),
+                                                 query.bfloat16())
+    assert_fp32_parity(full.pred_masks, fx["pred_masks"], device, "mask decoder")
+    assert_close_low(low.pred_masks.cpu(), fx["pred_masks"], what="mask decoder")
+    agree = ((low.pred_masks.float().cpu() > 0) == (fx["pred_masks"] > 0)).float().mean().item()
     assert agree >= MASK_AGREEMENT, f"mask decoder: bf16 masks agree on {agree:.4f} of pixels"
 
 
 # ---------------------------------------------------------------------------------------------- full model
-def _predict(model, batch, dtype):
-    low = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in batch.items()}
-    return model.to(dtype).eval().predict(**low)
+def _to(batch: dict, device, dtype) -> dict:
+    out = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v):
+            v = v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
+        elif isinstance(v, list) and v and torch.is_tensor(v[0]):
+            v = [t.to(device) for t in v]
+        out[k] = v
+    return out
+
+
+def _predict(model, batch, dtype, device="cpu"):
+    return model.to(device=device, dtype=dtype).eval().predict(**_to(batch, device, dtype))
 
 
 @pytest.mark.parametrize("image_size", [128, 200])
-def test_model_predict_bf16_matches_fp32(image_size):
+def test_model_predict_bf16_matches_fp32(image_size, device):
     """Whole model, bf16 vs fp32; 200 is not a multiple of the window or of 32 (every padding path)."""
     model = tiny_model(image_size=image_size).eval()
     batch = make_batch("reason_seg", batch_size=2, image_size=image_size)
     ref = model.predict(**batch)
-    low = _predict(model, batch, torch.bfloat16)
+    low = _predict(model, batch, torch.bfloat16, device)
     assert torch.isfinite(low.mask_logits).all()
-    assert_close_low(low.mask_logits, ref.mask_logits, what="model mask logits")
-    agree = (low.masks == ref.masks).float().mean().item()
+    assert_close_low(low.mask_logits.cpu(), ref.mask_logits, what="model mask logits")
+    agree = (low.masks.cpu() == ref.masks).float().mean().item()
     assert agree >= MASK_AGREEMENT, f"bf16 masks agree with fp32 on {agree:.4f} of pixels"
 
 

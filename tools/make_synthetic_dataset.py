@@ -39,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--color-distractor-prob", type=float, default=1.0,
                    help="share of scenes with a second object of the target's colour (a same-shape distractor "
                         "is always drawn), 0..1")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes writing EarthReason samples (the files do not depend on it)")
     return p.parse_args(argv)
 
 
@@ -49,7 +51,7 @@ def main(argv=None) -> int:
                        n_test=args.n_val if args.n_test is None else args.n_test, seed=args.seed,
                        min_size=args.min_size, max_size=args.max_size, absent_fraction=args.absent_fraction,
                        num_colors=args.num_colors, object_scale=args.object_scale,
-                       color_distractor_prob=args.color_distractor_prob)
+                       color_distractor_prob=args.color_distractor_prob, workers=args.workers)
     logging.getLogger("make_synthetic_dataset").info("samples per split: %s", json.dumps(summary))
     return 0
 

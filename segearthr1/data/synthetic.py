@@ -229,37 +229,63 @@ def _segmentation(mask: np.ndarray, kind: int):
 
 
 # --- dataset writers ------------------------------------------------------------------------------------------------
-def _write_earthreason(root: Path, rng, counts, min_size, max_size, colors, object_scale, absent_fraction,
-                       color_distractor_prob) -> dict:
+def _earthreason_sample(base: Path, split: str, i: int, seed: int, min_size, max_size, colors, object_scale,
+                        absent_fraction, color_distractor_prob) -> None:
+    """Write sample i of `split`. Its random stream depends only on (seed, split, i), so samples can be
+    written in any order and by several processes and the files are the same."""
+    rng = np.random.default_rng([seed, DATASET_NAMES.index("EarthReason"), SPLITS.index(split), i])
+    h, w = _size(rng, min_size, max_size)
+    pair = _random_pair(rng, colors)
+    is_absent = bool(rng.random() < absent_fraction)
+    scene = make_scene(rng, h, w, None if is_absent else pair, absent=pair if is_absent else None,
+                       colors=colors, object_scale=object_scale, color_distractor_prob=color_distractor_prob)
+    stem = f"{split}_{i:05d}"
+    _write_rgb(base / "images" / f"{stem}{'.png' if i % 4 == 3 else '.jpg'}", scene.image)
+    label = np.zeros((h, w), np.uint8)
+    words = {"color": pair[0], "shape": pair[1]}
+    if not is_absent:
+        k = next(j for j, o in enumerate(scene.objects) if (o.color, o.shape) == pair)
+        label = scene.masks[k] * 255
+        words = scene.describe(k)
+    templates = rng.choice(len(REASONING_QUESTIONS), size=3, replace=False)
+    qa = {
+        "questions": [REASONING_QUESTIONS[t].format(**words) for t in templates],
+        "answer": [] if is_absent else [a.format(**words) for a in REASONING_ANSWERS],
+        "target": {"color": pair[0], "shape": pair[1], "present": not is_absent},
+        # every drawn object (re-render with shape_mask), e.g. for the quickstart's baselines
+        "objects": [dataclasses.asdict(o) for o in scene.objects],
+    }
+    _write_gray(base / "labels" / f"{stem}.png", label.astype(np.uint8))
+    (base / "QAs" / f"{stem}.json").write_text(json.dumps(qa, indent=1), encoding="utf-8")
+
+
+def _earthreason_chunk(args: tuple) -> int:
+    base, split, indices, rest = args
+    for i in indices:
+        _earthreason_sample(Path(base), split, i, *rest)
+    return len(indices)
+
+
+def _write_earthreason(root: Path, seed: int, counts, min_size, max_size, colors, object_scale, absent_fraction,
+                       color_distractor_prob, workers: int = 1) -> dict:
     out = {}
+    rest = (seed, min_size, max_size, colors, object_scale, absent_fraction, color_distractor_prob)
     for split, n in counts.items():
         base = root / "rs_reason_seg" / "RSReasonSeg" / split
         for sub in ("images", "labels", "QAs"):
             (base / sub).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            h, w = _size(rng, min_size, max_size)
-            pair = _random_pair(rng, colors)
-            is_absent = bool(rng.random() < absent_fraction)
-            scene = make_scene(rng, h, w, None if is_absent else pair, absent=pair if is_absent else None,
-                               colors=colors, object_scale=object_scale, color_distractor_prob=color_distractor_prob)
-            stem = f"{split}_{i:05d}"
-            _write_rgb(base / "images" / f"{stem}{'.png' if i % 4 == 3 else '.jpg'}", scene.image)
-            label = np.zeros((h, w), np.uint8)
-            words = {"color": pair[0], "shape": pair[1]}
-            if not is_absent:
-                k = next(j for j, o in enumerate(scene.objects) if (o.color, o.shape) == pair)
-                label = scene.masks[k] * 255
-                words = scene.describe(k)
-            templates = rng.choice(len(REASONING_QUESTIONS), size=3, replace=False)
-            qa = {
-                "questions": [REASONING_QUESTIONS[t].format(**words) for t in templates],
-                "answer": [] if is_absent else [a.format(**words) for a in REASONING_ANSWERS],
-                "target": {"color": pair[0], "shape": pair[1], "present": not is_absent},
-                # every drawn object (re-render with shape_mask), e.g. for the quickstart's baselines
-                "objects": [dataclasses.asdict(o) for o in scene.objects],
-            }
-            _write_gray(base / "labels" / f"{stem}.png", label.astype(np.uint8))
-            (base / "QAs" / f"{stem}.json").write_text(json.dumps(qa, indent=1), encoding="utf-8")
+        if workers > 1 and n > 1:
+            import multiprocessing as mp
+
+            # interleaved chunks: image sizes are random, so contiguous ranges would balance worse
+            chunks = [(str(base), split, list(range(k, n, workers)), rest) for k in range(min(workers, n))]
+            # fork where available: spawned workers would re-import torch (seconds each); the workers
+            # only run numpy/OpenCV code
+            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+            with mp.get_context(method).Pool(len(chunks)) as pool:
+                pool.map(_earthreason_chunk, chunks)
+        else:
+            _earthreason_chunk((str(base), split, list(range(n)), rest))
         out[split] = n
     return out
 
@@ -340,7 +366,8 @@ def _write_refsegrs(root: Path, rng, counts, min_size, max_size, colors, object_
 
 def generate(root, datasets=DATASET_NAMES, n_train: int = 8, n_val: int = 4, n_test: int = 4,
              seed: int = 0, min_size: int = 64, max_size: int = 128, absent_fraction: float = 0.15,
-             num_colors: int = len(COLORS), object_scale: float = 1.0, color_distractor_prob: float = 1.0) -> dict:
+             num_colors: int = len(COLORS), object_scale: float = 1.0, color_distractor_prob: float = 1.0,
+             workers: int = 1) -> dict:
     """Write the chosen datasets under `root` (= DATA_ROOT); returns {dataset: {split: samples}}.
 
     n_* are images per split (RRSIS-D may add a second ref per image; RefSegRS a second phrase line).
@@ -348,6 +375,8 @@ def generate(root, datasets=DATASET_NAMES, n_train: int = 8, n_val: int = 4, n_t
     scales the shapes' radii and `color_distractor_prob` (0..1) is the share of scenes with a second object
     of the target's colour (easier tasks, e.g. for the CPU quickstart; see `make_scene`).
     Each dataset draws from its own seeded stream, so its files do not depend on the others chosen.
+    EarthReason seeds every sample from (seed, split, index) and is written by `workers` processes
+    (the files do not depend on `workers`).
     """
     unknown = [d for d in datasets if d not in DATASET_NAMES]
     if unknown:
@@ -371,8 +400,8 @@ def generate(root, datasets=DATASET_NAMES, n_train: int = 8, n_val: int = 4, n_t
     for name in datasets:
         rng = np.random.default_rng([seed, DATASET_NAMES.index(name)])
         if name == "EarthReason":
-            summary[name] = _write_earthreason(root, rng, counts, min_size, max_size, colors, object_scale, absent_fraction,
-                                               color_distractor_prob)
+            summary[name] = _write_earthreason(root, seed, counts, min_size, max_size, colors, object_scale,
+                                               absent_fraction, color_distractor_prob, workers)
         elif name == "RRSIS-D":
             summary[name] = _write_rrsisd(root, rng, counts, min_size, max_size, colors, object_scale,
                                           color_distractor_prob)

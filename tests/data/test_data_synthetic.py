@@ -118,6 +118,14 @@ def test_deterministic_per_seed(tmp_path):
     assert _tree_digest(tmp_path / "d") != a
 
 
+def test_parallel_earthreason_writes_the_same_files(tmp_path):
+    kw = dict(datasets=("EarthReason",), n_train=7, n_val=3, n_test=0, min_size=32, max_size=48, seed=3)
+    generate(tmp_path / "one", workers=1, **kw)
+    generate(tmp_path / "two", workers=2, **kw)
+    one, two = _tree_digest(tmp_path / "one"), _tree_digest(tmp_path / "two")
+    assert one == two and len(one) == 3 * 10
+
+
 def test_bad_generator_arguments(tmp_path):
     with pytest.raises(ValueError, match="unknown dataset"):
         generate(tmp_path, datasets=("COCO",))
