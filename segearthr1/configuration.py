@@ -34,6 +34,12 @@ PHI_1_5_TEXT_CONFIG: dict[str, Any] = {
 }
 
 
+# MSDeformAttn core: pure PyTorch, the compiled op when importable (else PyTorch), or the compiled op required.
+DEFORM_ATTN_IMPLS = ("pytorch", "auto", "cuda")
+# The masked-attention decoder cycles over exactly this many multi-scale maps (Mask2Former's 3).
+DECODER_FEATURE_LEVELS = 3
+
+
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not supported; choose one of {list(choices)}")
@@ -143,10 +149,19 @@ class PixelDecoderConfig(_SubConfig):
     deform_attn_impl: str = "pytorch"
 
     def __post_init__(self):
-        _check_choice("pixel_decoder.deform_attn_impl", self.deform_attn_impl, ("pytorch", "auto"))
+        _check_choice("pixel_decoder.deform_attn_impl", self.deform_attn_impl, DEFORM_ATTN_IMPLS)
         valid = ("res2", "res3", "res4", "res5")
         for name in self.transformer_in_features:
             _check_choice("pixel_decoder.transformer_in_features[*]", name, valid)
+        features = list(self.transformer_in_features)
+        if len(features) != DECODER_FEATURE_LEVELS or len(set(features)) != len(features):
+            raise ValueError(
+                f"pixel_decoder.transformer_in_features={features}: the mask decoder attends to exactly "
+                f"{DECODER_FEATURE_LEVELS} distinct levels (one per layer, cycling); choose 3 of {list(valid)}, "
+                "e.g. [res3, res4, res5] (the reference)")
+        if "res2" in features:
+            raise ValueError(f"pixel_decoder.transformer_in_features={features}: res2 is the FPN level that "
+                             "mask_features are built from; use three of res3, res4, res5")
         if self.conv_dim % self.num_heads:
             raise ValueError(f"pixel_decoder.conv_dim={self.conv_dim} not divisible by num_heads={self.num_heads}")
         if self.conv_dim % 32:
@@ -175,6 +190,8 @@ class MaskDecoderConfig(_SubConfig):
         _check_choice("mask_decoder.query", self.query, ("description", "learned"))
         if self.hidden_dim % self.num_heads:
             raise ValueError(f"mask_decoder.hidden_dim={self.hidden_dim} not divisible by num_heads={self.num_heads}")
+        if self.hidden_dim % 4:
+            raise ValueError(f"mask_decoder.hidden_dim={self.hidden_dim} must be a multiple of 4 (sine position code)")
         _check_positive("mask_decoder.num_layers", self.num_layers)
 
 

@@ -109,3 +109,22 @@ def test_mask_config_supplies_decoder_dims(tmp_path, monkeypatch):
     model = SegEarthR1Config(**build_model_kwargs(config["model"]))
     assert model.mask_decoder.num_layers == 9 and model.pixel_decoder.num_encoder_layers == 6
     assert list(model.vision.depths) == [2, 2, 18, 2]
+
+
+@pytest.mark.parametrize("section, value, field", [
+    ("pixel_decoder", {"transformer_in_features": ["res2", "res3", "res4", "res5"]}, "transformer_in_features"),
+    ("pixel_decoder", {"transformer_in_features": ["res4", "res5"]}, "transformer_in_features"),
+    ("pixel_decoder", {"transformer_in_features": ["res3", "res3", "res5"]}, "transformer_in_features"),
+    ("pixel_decoder", {"deform_attn_impl": "triton"}, "deform_attn_impl"),
+    ("pixel_decoder", {"num_heads": 7}, "num_heads"),
+    ("mask_decoder", {"num_heads": 3}, "num_heads"),
+    ("mask_decoder", {"hidden_dim": 66, "num_heads": 2}, "hidden_dim"),
+])
+def test_cross_field_rules_fail_when_the_config_is_built(section, value, field):
+    """Rules between fields fail at config time, naming the field, not at the first forward."""
+    with pytest.raises(ValueError, match=field):
+        SegEarthR1Config(**{section: value})
+
+
+def test_compiled_deform_attn_is_a_config_choice():
+    assert SegEarthR1Config(pixel_decoder={"deform_attn_impl": "cuda"}).pixel_decoder.deform_attn_impl == "cuda"

@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segearthr1.configuration import DEFORM_ATTN_IMPLS as IMPLS
 from segearthr1.errors import DependencyNotFoundError
 
 logger = logging.getLogger(__name__)
 
-IMPLS = ("pytorch", "auto", "cuda")
 # Module name of the compiled extension built from the Deformable-DETR CUDA sources.
 _COMPILED_OP_MODULE = "MultiScaleDeformableAttention"
 # Batch chunk size the compiled op processes at once (its customary default).
@@ -132,8 +132,9 @@ def resolve_impl(impl: str, device: torch.device) -> str:
         if _compiled_op() is None:
             raise DependencyNotFoundError(
                 f"MSDeformAttn impl='cuda' needs the compiled extension '{_COMPILED_OP_MODULE}', which is not "
-                "importable; build it from segearthr1/modeling/csrc (python setup.py build install) or use "
-                "impl='pytorch' / 'auto'"
+                "importable. It is not part of segearthr1: build it from the Deformable-DETR / Mask2Former "
+                "sources (models/ops or mask2former/modeling/pixel_decoder/ops: `sh make.sh`, which installs "
+                f"'{_COMPILED_OP_MODULE}'), or set pixel_decoder.deform_attn_impl to 'pytorch' or 'auto'"
             )
         if device.type != "cuda":
             raise ValueError(f"MSDeformAttn impl='cuda' got tensors on {device}; move the model to a CUDA device or use impl='auto'")
