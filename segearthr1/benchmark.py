@@ -293,6 +293,7 @@ def format_table(result: dict) -> str:
     """The per-stage table: seconds (median over steps) and GFLOPs per step, forward and backward."""
     stages_s, stages_f = result["stages_s"], result.get("stages_flops", {})
     rows = [*STAGES, "optimizer", "other"] if result["mode"] == "train" else [*STAGES, "other"]
+    label = {"loss": "loss" if result["mode"] == "train" else "postprocess"}
     lines = [f"{'stage':<22}{'fwd s':>9}{'bwd s':>9}{'total s':>9}{'share':>7}{'fwd GFLOP':>12}{'bwd GFLOP':>12}"]
     summed = 0.0
     for name in rows:
@@ -301,7 +302,7 @@ def format_table(result: dict) -> str:
         ff = stages_f.get("forward", {}).get(name, 0.0) / 1e9
         bf = stages_f.get("backward", {}).get(name, 0.0) / 1e9
         summed += fwd + bwd
-        lines.append(f"{name:<22}{fwd:>9.3f}{bwd:>9.3f}{fwd + bwd:>9.3f}{(fwd + bwd) / result['stages_step_s']:>7.1%}"
+        lines.append(f"{label.get(name, name):<22}{fwd:>9.3f}{bwd:>9.3f}{fwd + bwd:>9.3f}{(fwd + bwd) / result['stages_step_s']:>7.1%}"
                      f"{ff:>12.1f}{bf:>12.1f}")
     step = result["step_s"]
     lines.append(f"{'sum = median step':<22}{'':>18}{summed:>9.3f}  (optimizer/other rows: time in the 'bwd' column)")
@@ -309,8 +310,8 @@ def format_table(result: dict) -> str:
                  f"{result['samples_per_s']:.3f} samples/s")
     if "flops_per_sample" in result:
         mfu = "n/a (no peak for this device; pass --peak_tflops)" if result["mfu"] is None else f"{result['mfu']:.1%}"
-        lines.append(f"FLOPs/sample {result['flops_per_sample'] / 1e12:.3f} TFLOP; achieved "
-                     f"{result['achieved_tflops']:.3f} TFLOP/s; MFU {mfu}")
+        lines.append(f"FLOPs/sample {result['flops_per_sample'] / 1e9:,.1f} GFLOP; achieved "
+                     f"{result['achieved_tflops']:.4f} TFLOP/s; MFU {mfu}")
     p, m = result["parameters"], result["memory"]
     lines.append(f"parameters: {p['total']:,} ({p['trainable']:,} trainable, {p['frozen']:,} frozen); peak memory "
                  f"{m['gb']:.2f} GB ({m['kind']}, {m['scope']})")
