@@ -154,15 +154,15 @@ def dataset_kwargs(config: dict, model, seed: int) -> dict:
     """Constructor arguments of the training dataset: sampling seeded from the run seed (exact resume),
     questions truncated so prompt + question + answer + image tokens fit both `data.max_length` and
     the LLM's `max_position_embeddings`."""
+    from .data.base import text_token_budget
+
     data = data_args(config)
     kwargs = {"image_size": model.config.image_size, "train": True, "seed": seed}
     if data.dataset in ("EarthReason", "RRSIS-D"):
         kwargs["sentence_sampling" if data.dataset == "RRSIS-D" else "question_sampling"] = data.question_sampling
     else:
         kwargs["foreground"] = data.foreground
-    limits = [v for v in (data.max_length, getattr(model.config.text_config, "max_position_embeddings", None)) if v]
-    if limits:  # the <image> placeholder (counted as text) becomes the visual tokens
-        kwargs["max_text_tokens"] = min(limits) - model.connector.num_tokens() + 1
+    kwargs["max_text_tokens"] = text_token_budget(model, data.max_length)
     return kwargs
 
 

@@ -109,3 +109,29 @@ def test_mask_config_supplies_decoder_dims(tmp_path, monkeypatch):
     model = SegEarthR1Config(**build_model_kwargs(config["model"]))
     assert model.mask_decoder.num_layers == 9 and model.pixel_decoder.num_encoder_layers == 6
     assert list(model.vision.depths) == [2, 2, 18, 2]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.learning_rate=abc", "train.learning_rate='abc' is a str; expected float"),
+    ("train.max_steps=1.5", "train.max_steps=1.5 is a float; expected int"),
+    ("train.bf16=no", "train.bf16='no' is a str; expected bool"),
+    ("train.nonfinite=maybe", "train.nonfinite='maybe' is a str; expected one of 'error', 'skip'"),
+    ("data.max_length=long", "data.max_length='long' is a str; expected int or null"),
+])
+def test_set_values_are_type_checked_before_anything_loads(override, message, monkeypatch, capsys):
+    from segearthr1.train import main
+
+    monkeypatch.setenv("SEGEARTH_DATA", "/nonexistent")
+    with pytest.raises(TypeError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        resolve_run_config(ROOT / "configs" / "tiny.yaml", [override])
+    assert main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: {message}"  # one line, no traceback
+
+
+def test_yaml_1_1_booleans_stay_strings(monkeypatch):
+    monkeypatch.setenv("SEGEARTH_DATA", "/nonexistent")
+    config, _ = resolve_run_config(ROOT / "configs" / "tiny.yaml", ["train.save_strategy=no", "train.bf16=true",
+                                                                     "train.lr_scheduler_type=off"])
+    assert config["train"]["save_strategy"] == "no" and config["train"]["bf16"] is True
+    assert config["train"]["lr_scheduler_type"] == "off"

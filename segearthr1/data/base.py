@@ -39,6 +39,14 @@ class SampleSource:
     answer: str | None = None  # reasoning datasets only; None = no target ("There is no target ...")
 
 
+def text_token_budget(model, max_length: int | None = None) -> int | None:
+    """`max_text_tokens` for a dataset feeding `model`: the LLM positions left for text once the image
+    tokens are in, under `max_length` (data.max_length) and the LLM's max_position_embeddings. The
+    `<image>` placeholder counts as text in the dataset's tally, hence the +1."""
+    limits = [v for v in (max_length, getattr(model.config.text_config, "max_position_embeddings", None)) if v]
+    return min(limits) - model.connector.num_tokens() + 1 if limits else None
+
+
 def list_preview(items, limit: int = 20) -> str:
     items = list(items)
     more = f" ... (+{len(items) - limit} more)" if len(items) > limit else ""
