@@ -192,3 +192,25 @@ def test_single_process_without_a_launcher(base):
                   base / "data")
     assert "world size 1" in log and "mpi4py" not in log
     assert (run / "final" / "model.safetensors").is_file()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 20 MiB tmpfs: room for one tiny checkpoint (14 MiB) but not two. Needs mount rights (root)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_full_disk_during_the_second_save_is_reported_and_keeps_the_first(base, small_disk):
+    run = small_disk / "run"
+    code, log = _run([sys.executable, "-m", "segearthr1.train", *_train_args(run)], base / "data", expect_ok=False)
+    assert code == 1
+    assert "disk full while saving checkpoint to" in log and "MiB free" in log, log[-3000:]
+    assert f"the newest complete checkpoint {run / 'checkpoint-2'} is intact" in log
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-2", "resolved_config.yaml"]
+    validate_checkpoint(run / "checkpoint-2")

@@ -120,6 +120,8 @@ def validate_train_section(train: dict) -> None:
                  for k in unknown]
         raise ValueError(f"unknown config key(s): {', '.join(hints)}; train.* takes HF TrainingArguments fields")
     check_section("train", train, _train_types())
+    if train.get("nonfinite_max_skips", 0) < 0:
+        raise ValueError(f"train.nonfinite_max_skips={train['nonfinite_max_skips']} must be >= 0")
 
 
 @functools.lru_cache(maxsize=1)

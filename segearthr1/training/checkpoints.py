@@ -148,6 +148,8 @@ def reported_save_errors(staged: Path, output_dir: Path) -> Iterator[None]:
             raise
         free = _free_space(staged)
         shutil.rmtree(staged, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            staged.parent.rmdir()
         previous = newest_valid_checkpoint(output_dir)
         kept = f"the newest complete checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
         if is_disk_full(err):
