@@ -6,6 +6,7 @@ Every resumed run must end with weights equal to the uninterrupted run with the 
 question sampling on, so the data path's randomness is part of what is compared).
 """
 import json
+import math
 import os
 import shutil
 import signal
@@ -167,6 +168,18 @@ def test_diverging_run_stops_and_saves_nothing_non_finite(base):
     saved = [p for _, p in list_checkpoints(run)]
     for path in saved:
         assert all(torch.isfinite(t).all() for t in _weights(path).values()), path
+
+
+def test_skip_policy_skips_up_to_its_budget_then_stops(base):
+    run = base / "skipping"
+    code, log = _run([sys.executable, "-m", "segearthr1.train", *_train_args(
+        run, "--set", "train.learning_rate=1e6", "--set", "train.max_steps=20", "--set", "train.nonfinite=skip",
+        "--set", "train.nonfinite_max_skips=2")], base / "data", expect_ok=False)
+    assert code == 1 and log.count("skipping this batch") == 2 and "after skipping 2 step(s)" in log
+    for _, path in list_checkpoints(run):
+        assert all(torch.isfinite(t).all() for t in _weights(path).values()), path
+        state = json.loads((path / "trainer_state.json").read_text())
+        assert all(math.isfinite(e["loss"]) for e in state["log_history"] if "loss" in e)
 
 
 def test_two_nodes_one_process_each_match_one_node_two_processes(base):

@@ -57,6 +57,8 @@ class SegEarthR1Trainer(Trainer):
                 mean = self.accelerator.reduce(total / self._loss_count, reduction="mean")
                 logs[name] = round(float(mean), 4)
             self._loss_sums, self._loss_count = {}, 0
+        if "loss" in logs and self.guard.skipped:
+            logs["nonfinite_skipped"] = self.guard.skipped  # skipped batches count 0 in `loss`
         super().log(logs, *args, **kwargs)
 
     def _save_checkpoint(self, model, trial) -> None:
