@@ -32,6 +32,16 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
+# YAML 1.1 also reads yes/no/on/off (any case) as booleans, so `--set train.save_strategy=no` became
+# False. Only true/false are booleans here (YAML 1.2); a bool option given `no` is then a type error
+# that names the key, not a silent string-to-bool change.
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in _Loader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
 def _load(text_or_stream):
     return yaml.load(text_or_stream, Loader=_Loader)
 _ENV = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")

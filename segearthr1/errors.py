@@ -27,3 +27,11 @@ class DependencyNotFoundError(ImportError):
 
 class NonFiniteError(FloatingPointError):
     """A loss, gradient, weight or logit is NaN/Inf; the message names the step or sample and what to do."""
+
+
+class CheckpointCorruptedError(RuntimeError):
+    """A checkpoint file exists but is truncated or damaged (the message names the file)."""
+
+
+class CheckpointSaveError(OSError):
+    """Writing a checkpoint failed (e.g. the disk is full); the previous checkpoint is left intact."""

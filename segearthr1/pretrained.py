@@ -21,7 +21,8 @@ from torch import nn
 from .checkpoint import (ConversionReport, convert_mask2former_state_dict, convert_to_upstream_state_dict,
                          convert_upstream_state_dict, llm_keys_from_hf, verify_keys)
 from .configuration import SegEarthR1Config
-from .errors import CheckpointNotFoundError
+from .checkpoint_files import check_file, check_json
+from .errors import CheckpointCorruptedError, CheckpointNotFoundError
 from .modeling.segearthr1 import SegEarthR1ForReasoningSegmentation
 from .processing import PAD_TOKEN, SEG_TOKEN, setup_tokenizer
 from .reference_config import config_from_reference, is_reference_config, load_mask_config
@@ -46,8 +47,7 @@ def _require_dir(path: Path, what: str) -> None:
 def read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointNotFoundError(f"{path} not found; {MODEL_DIR_LAYOUT}")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return check_json(path)
 
 
 def _weight_paths(model_dir: Path) -> list[Path]:
@@ -69,10 +69,15 @@ def load_state_dict_files(model_dir: Path) -> dict[str, torch.Tensor]:
     """All tensors of a (possibly sharded) safetensors or torch checkpoint, on CPU."""
     state: dict[str, torch.Tensor] = {}
     for path in _weight_paths(model_dir):
+        check_file(path)  # a truncated file is named here, not as a bare SafetensorError
         if path.suffix == ".safetensors":
+            from safetensors import SafetensorError
             from safetensors.torch import load_file
 
-            state.update(load_file(str(path), device="cpu"))
+            try:
+                state.update(load_file(str(path), device="cpu"))
+            except SafetensorError as err:
+                raise CheckpointCorruptedError(f"{path} is damaged and cannot be read: {err}") from err
         else:
             state.update(torch.load(path, map_location="cpu", weights_only=True))
     logger.info("read %d tensors from %s", len(state), model_dir)
@@ -114,14 +119,29 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+class _DropForeignConfigWarning(logging.Filter):
+    """AutoTokenizer reads config.json to guess the tokenizer class; for a model type transformers does
+    not know (ours, `segearthr1`, or the reference `llava_phi`) it falls back to a bare config and warns
+    "model of type `segearthr1` to instantiate a model of type ``" on every load. The tokenizer comes
+    from tokenizer_config.json either way, so that one message is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "to instantiate a model of type ``" not in record.getMessage()
+
+
 def load_tokenizer(path: Path):
     """The tokenizer saved beside a checkpoint (local files only)."""
     from transformers import AutoTokenizer
 
+    config_logger = logging.getLogger("transformers.configuration_utils")
+    quiet = _DropForeignConfigWarning()
+    config_logger.addFilter(quiet)
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as err:
         raise CheckpointNotFoundError(f"could not load a tokenizer from {path}: {err}; {MODEL_DIR_LAYOUT}") from err
+    finally:
+        config_logger.removeFilter(quiet)
 
 
 def _token_ids(tokenizer) -> dict[str, int]:
@@ -160,6 +180,11 @@ def load_pretrained(model_dir: str | Path, mask_config: str | Path | None = None
         logger.info("%s is a reference release (model_type %s); mask config: %s", model_dir, raw.get("model_type"),
                     mask_config or "reference defaults")
     else:
+        if raw.get("model_type") != SegEarthR1Config.model_type:
+            raise CheckpointNotFoundError(
+                f"{model_dir} is not a SegEarth-R1 checkpoint: its config.json has model_type "
+                f"{raw.get('model_type')!r}, expected {SegEarthR1Config.model_type!r} (ours) or a reference release "
+                "('llava_phi'); point --model_path at a directory written by segearthr1 train or a released model")
         if mask_config is not None:
             logger.warning("--mask_config is ignored for %s: our checkpoints carry the full config", model_dir)
         config = SegEarthR1Config.from_dict(raw)

@@ -128,3 +128,29 @@ def test_cross_field_rules_fail_when_the_config_is_built(section, value, field):
 
 def test_compiled_deform_attn_is_a_config_choice():
     assert SegEarthR1Config(pixel_decoder={"deform_attn_impl": "cuda"}).pixel_decoder.deform_attn_impl == "cuda"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.learning_rate=abc", "train.learning_rate='abc' is a str; expected float"),
+    ("train.max_steps=1.5", "train.max_steps=1.5 is a float; expected int"),
+    ("train.bf16=no", "train.bf16='no' is a str; expected bool"),
+    ("train.nonfinite=maybe", "train.nonfinite='maybe' is a str; expected one of 'error', 'skip'"),
+    ("data.max_length=long", "data.max_length='long' is a str; expected int or null"),
+])
+def test_set_values_are_type_checked_before_anything_loads(override, message, monkeypatch, capsys):
+    from segearthr1.train import main
+
+    monkeypatch.setenv("SEGEARTH_DATA", "/nonexistent")
+    with pytest.raises(TypeError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        resolve_run_config(ROOT / "configs" / "tiny.yaml", [override])
+    assert main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: {message}"  # one line, no traceback
+
+
+def test_yaml_1_1_booleans_stay_strings(monkeypatch):
+    monkeypatch.setenv("SEGEARTH_DATA", "/nonexistent")
+    config, _ = resolve_run_config(ROOT / "configs" / "tiny.yaml", ["train.save_strategy=no", "train.bf16=true",
+                                                                     "train.lr_scheduler_type=off"])
+    assert config["train"]["save_strategy"] == "no" and config["train"]["bf16"] is True
+    assert config["train"]["lr_scheduler_type"] == "off"

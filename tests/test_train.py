@@ -69,10 +69,13 @@ def test_deepspeed_zero2_two_processes_train_checkpoint_and_resume(data_root):
 
 
 def test_last_complete_checkpoint_skips_a_partial_save(tmp_path):
+    from safetensors.torch import save_file
+
     for step in (2, 4, 6):
         (tmp_path / f"checkpoint-{step}").mkdir()
     for step in (2, 4):
-        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+        save_file({"w": torch.zeros(2)}, str(tmp_path / f"checkpoint-{step}" / "model.safetensors"))
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     assert last_complete_checkpoint(tmp_path).name == "checkpoint-4"
     assert last_complete_checkpoint(tmp_path / "missing") is None
 

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import DatasetCorruptedError, DatasetNotFoundError
+from ..logging_utils import warning_once
 from ..processing import TextEncoder
 from .image_io import read_image_rgb
 from .transforms import letterbox_image, letterbox_mask, normalize_image
@@ -38,6 +39,14 @@ class SampleSource:
     answer: str | None = None  # reasoning datasets only; None = no target ("There is no target ...")
 
 
+def text_token_budget(model, max_length: int | None = None) -> int | None:
+    """`max_text_tokens` for a dataset feeding `model`: the LLM positions left for text once the image
+    tokens are in, under `max_length` (data.max_length) and the LLM's max_position_embeddings. The
+    `<image>` placeholder counts as text in the dataset's tally, hence the +1."""
+    limits = [v for v in (max_length, getattr(model.config.text_config, "max_position_embeddings", None)) if v]
+    return min(limits) - model.connector.num_tokens() + 1 if limits else None
+
+
 def list_preview(items, limit: int = 20) -> str:
     items = list(items)
     more = f" ... (+{len(items) - limit} more)" if len(items) > limit else ""
@@ -48,13 +57,20 @@ class ReasoningSegDataset(Dataset):
     """Base class: one (image, instruction, mask) triple per index, letterboxed and tokenised.
 
     `tokenizer` may be None to inspect images and masks only (the text keys are then absent).
+    `seed`: random question/sentence choices are drawn from (seed, epoch, index) alone, so a resumed run
+    draws exactly what the uninterrupted one did (the trainer calls `set_epoch`).
+    `max_text_tokens`: LLM positions the text may take (prompt + question + answer); a longer question
+    is truncated (keeping its `[SEG]`) with a warning naming the sample. None: no limit.
+    `collect_problems`: index-level problems (unpaired or unreadable files) are recorded in
+    `self.problems` and the affected samples left out, instead of raising (`segearthr1 check-data`).
     """
 
     name: ClassVar[str] = ""
     dataset_type: ClassVar[str] = ""
     expected_tree: ClassVar[str] = ""
 
-    def __init__(self, data_root, split: str, tokenizer, image_size: int = 1024, train: bool = True):
+    def __init__(self, data_root, split: str, tokenizer, image_size: int = 1024, train: bool = True,
+                 seed: int = 0, max_text_tokens: int | None = None, collect_problems: bool = False):
         if split not in SPLITS:
             raise ValueError(f"split={split!r} is not one of {list(SPLITS)}")
         if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
@@ -64,6 +80,11 @@ class ReasoningSegDataset(Dataset):
         self.tokenizer = tokenizer
         self.image_size = image_size
         self.train = bool(train)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.max_text_tokens = max_text_tokens
+        self.collect_problems = collect_problems
+        self.problems: list[str] = []
         if not self.data_root.is_dir():
             raise DatasetNotFoundError(self._missing(self.data_root, "data root"))
         self._verify()
@@ -72,7 +93,8 @@ class ReasoningSegDataset(Dataset):
             raise DatasetNotFoundError(f"{self.name} split {split!r} under {self.root} has no samples; "
                                        f"expected files laid out as\n{self.expected_tree}\n{GENERATOR_HINT}")
         self._text = TextEncoder(tokenizer, self.name, self.train) if tokenizer is not None else None
-        self[0]  # cheap start-up check: the first sample opens and its image/mask sizes agree
+        if not collect_problems:
+            self[0]  # cheap start-up check: the first sample opens and its image/mask sizes agree
         logger.info("%s/%s: %d samples from %s", self.name, split, len(self), self.root)
 
     # --- hooks implemented by each dataset file ----------------------------------------------------------
@@ -107,6 +129,12 @@ class ReasoningSegDataset(Dataset):
         if not (path.is_dir() if is_dir else path.is_file()):
             raise DatasetNotFoundError(self._missing(path, what))
 
+    def _problem(self, message: str, error=DatasetCorruptedError) -> None:
+        """Raise `error(message)`, or record it when collecting problems (check-data)."""
+        if not self.collect_problems:
+            raise error(message)
+        self.problems.append(message)
+
     def _where(self, source: SampleSource) -> str:
         return f"{self.name}/{self.split} sample {source.image_name!r}"
 
@@ -136,7 +164,7 @@ class ReasoningSegDataset(Dataset):
         mask_t, _ = letterbox_mask(mask, self.image_size)
         sample: dict = {"images": normalize_image(image_chw), "masks": mask_t}
         if self._text is not None:
-            sample.update(self._text(source.instruction, source.answer))
+            sample.update(self._truncated(self._text(source.instruction, source.answer), source))
         else:
             sample["dataset_type"] = self.dataset_type
         sample.update(
@@ -148,10 +176,33 @@ class ReasoningSegDataset(Dataset):
         )
         return sample
 
-    @staticmethod
-    def _random_index(n: int) -> int:
-        """Uniform draw from torch's RNG (seeded per DataLoader worker)."""
-        return int(torch.randint(n, ()).item())
+    def _truncated(self, text: dict, source: SampleSource) -> dict:
+        """Cut the question payload so the text fits `max_text_tokens` (see the class docstring)."""
+        if self.max_text_tokens is None:
+            return text
+        payloads = ("token_refer_id", "token_answer_id")
+        placeholders = sum(int(text[k].sum()) for k in ("refer_embedding_indices", "answer_embedding_indices")
+                           if k in text)
+        used = len(text["input_ids"]) - placeholders + sum(len(text[k]) for k in payloads if k in text)
+        excess = used - self.max_text_tokens
+        if excess <= 0:
+            return text
+        refer = text["token_refer_id"]
+        keep = max(len(refer) - 1 - excess, 0)
+        text["token_refer_id"] = torch.cat([refer[:keep], refer[-1:]])  # the last id is [SEG]
+        warning_once(f"{self._where(source)}: the question has {len(refer) - 1} tokens but only {keep} fit the "
+                     f"{self.max_text_tokens} text positions (data.max_length and the LLM's "
+                     f"max_position_embeddings, minus the prompt, answer and image tokens); truncated to {keep}")
+        return text
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the training loop (accelerate's DataLoader) at the start of every epoch."""
+        self.epoch = int(epoch)
+
+    def _random_index(self, n: int, idx: int) -> int:
+        """Uniform draw in [0, n) that depends only on (seed, epoch, idx): the same sample in the same
+        epoch gets the same choice in every run, whatever was drawn before (exact resume)."""
+        return int(np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch, idx]).integers(n))
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, samples={len(self)}, "

@@ -10,7 +10,6 @@ file is missing); unpaired stems are listed in the error.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from ..logging_utils import warning_once
 from ..processing import REASON_SEG
 from .base import SAMPLING_MODES, ReasoningSegDataset, SampleSource, list_preview
 from .image_io import read_mask
+from .integrity import read_json_file
 
 logger = logging.getLogger(__name__)
 
@@ -29,27 +29,32 @@ LABEL_SUFFIXES = (".png",)
 QA_SUFFIXES = (".json", ".txt")  # the reference also accepts json content in .txt files
 
 
-def _by_stem(directory: Path, suffixes: tuple[str, ...], what: str) -> dict[str, Path]:
+def _by_stem(directory: Path, suffixes: tuple[str, ...], what: str, problem) -> tuple[dict[str, Path], set[str]]:
+    """({stem: file}, stems of directories named like a file) of `directory`; such a directory is
+    reported through `problem`, not skipped silently (it used to read as "labels without an image")."""
     found: dict[str, Path] = {}
+    directories: set[str] = set()
     clashes = []
     for p in sorted(directory.iterdir()):
-        if p.is_file() and p.suffix.lower() in suffixes:
+        if p.suffix.lower() in suffixes and p.is_dir():
+            problem(f"EarthReason {what} entry {p} is a directory; expected a file")
+            directories.add(p.stem)
+        elif p.is_file() and p.suffix.lower() in suffixes:
             if p.stem in found:
                 clashes.append(f"{found[p.stem].name} / {p.name}")
             found[p.stem] = p
     if clashes:
         raise DatasetCorruptedError(f"EarthReason {what} in {directory} has several files per stem, so "
                                     f"pairing is ambiguous: {list_preview(clashes)}; keep one per stem")
-    return found
+    return found, directories
 
 
 def load_qa(path: Path) -> tuple[list[str], list[str]]:
     """(questions, answers) of one QA file; questions must be non-empty, answers may be empty."""
+    qa = read_json_file(path, "EarthReason QA file")
     try:
-        with open(path, encoding="utf-8") as f:
-            qa = json.load(f)
         questions, answers = qa["questions"], qa["answer"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+    except (KeyError, TypeError) as err:
         raise DatasetCorruptedError(f"EarthReason QA file {path} is unreadable ({err!r}); expected JSON "
                                     f'{{"questions": [str, ...], "answer": [str, ...]}}') from err
     if (not isinstance(questions, list) or not questions or not all(isinstance(q, str) for q in questions)
@@ -78,11 +83,11 @@ class EarthReasonDataset(ReasoningSegDataset):
                      "    images/<stem>.jpg|.png   labels/<stem>.png   QAs/<stem>.json")
 
     def __init__(self, data_root, split: str, tokenizer, image_size: int = 1024,
-                 question_sampling: str = "first", train: bool = True):
+                 question_sampling: str = "first", train: bool = True, **options):
         if question_sampling not in SAMPLING_MODES:
             raise ValueError(f"question_sampling={question_sampling!r} is not one of {list(SAMPLING_MODES)}")
         self.question_sampling = question_sampling
-        super().__init__(data_root, split, tokenizer, image_size=image_size, train=train)
+        super().__init__(data_root, split, tokenizer, image_size=image_size, train=train, **options)
 
     @property
     def root(self) -> Path:
@@ -94,29 +99,41 @@ class EarthReasonDataset(ReasoningSegDataset):
             self._require(self.root / sub, f"'{sub}' directory")
 
     def _load_index(self) -> None:
-        images = _by_stem(self.root / "images", IMAGE_SUFFIXES, "images")
-        labels = _by_stem(self.root / "labels", LABEL_SUFFIXES, "labels")
-        qas = _by_stem(self.root / "QAs", QA_SUFFIXES, "QAs")
+        images, bad = _by_stem(self.root / "images", IMAGE_SUFFIXES, "images", self._problem)
+        labels, bad_labels = _by_stem(self.root / "labels", LABEL_SUFFIXES, "labels", self._problem)
+        qas, bad_qas = _by_stem(self.root / "QAs", QA_SUFFIXES, "QAs", self._problem)
+        bad |= bad_labels | bad_qas  # already reported: not "unpaired" as well
         stems = sorted(set(images) & set(labels) & set(qas))
         unpaired = {
-            "images without a label": sorted(set(images) - set(labels)),
-            "images without a QA file": sorted(set(images) - set(qas)),
-            "labels without an image": sorted(set(labels) - set(images)),
-            "QA files without an image": sorted(set(qas) - set(images)),
+            "images without a label": sorted(set(images) - set(labels) - bad),
+            "images without a QA file": sorted(set(images) - set(qas) - bad),
+            "labels without an image": sorted(set(labels) - set(images) - bad),
+            "QA files without an image": sorted(set(qas) - set(images) - bad),
         }
+        if self.collect_problems:  # one line per file
+            for (kind, missing), files in zip(unpaired.items(), (images, images, labels, qas)):
+                needed = kind.split(" without a")[1].strip()
+                self.problems.extend(f"{files[stem]}: has no {needed}" for stem in missing)
         problems = [f"{k}: {list_preview(v)}" for k, v in unpaired.items() if v]
-        if problems:
+        if problems and not self.collect_problems:
             raise DatasetNotFoundError(
                 f"EarthReason split {self.split!r} in {self.root} has files that do not pair by stem "
                 f"(images/<stem>.*, labels/<stem>.png, QAs/<stem>.json): " + "; ".join(problems)
                 + ". Add the missing files or remove the strays.")
-        self._images = [images[s] for s in stems]
-        self._labels = [labels[s] for s in stems]
-        self._qas = [load_qa(qas[s]) for s in stems]
+        kept = []
+        self._qas = []
+        for s in stems:
+            try:
+                self._qas.append(load_qa(qas[s]))
+                kept.append(s)
+            except DatasetCorruptedError as err:
+                self._problem(str(err))
+        self._images = [images[s] for s in kept]
+        self._labels = [labels[s] for s in kept]
         if self.question_sampling == "all":
             self._items = [(i, q) for i, (questions, _) in enumerate(self._qas) for q in range(len(questions))]
         else:
-            self._items = [(i, 0) for i in range(len(stems))]
+            self._items = [(i, 0) for i in range(len(kept))]
 
     def __len__(self) -> int:
         return len(self._items)
@@ -125,7 +142,7 @@ class EarthReasonDataset(ReasoningSegDataset):
         i, q = self._items[idx]
         questions, answers = self._qas[i]
         if self.question_sampling == "random":
-            q = self._random_index(len(questions))
+            q = self._random_index(len(questions), idx)
         path = self._images[i]
         return SampleSource(path, path.stem, questions[q], answer_for(answers, q))
 

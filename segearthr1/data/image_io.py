@@ -20,8 +20,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..errors import DatasetCorruptedError, DatasetNotFoundError
+from ..errors import DatasetCorruptedError
 from ..logging_utils import warning_once
+from .integrity import check_file_path, check_image_bytes, small_image_message
 
 logger = logging.getLogger(__name__)
 
@@ -36,16 +37,10 @@ except ImportError:  # pragma: no cover - exercised only where rasterio is absen
     rasterio = None
 
 
-def _check_exists(path: Path, what: str) -> None:
-    if not path.is_file():
-        raise DatasetNotFoundError(f"{what} file {path} does not exist; check the dataset layout "
-                                   f"(datasets/README.md) or the path you passed")
-
-
 def read_image_rgb(path, bands: list[int] | None = None) -> np.ndarray:
     """Read an image file as an HxWx3 uint8 RGB array (see the module docstring for the rules)."""
-    path = Path(path)
-    _check_exists(path, "image")
+    path = check_file_path(path, "image")
+    check_image_bytes(path, "image")
     if path.suffix.lower() in TIFF_EXTENSIONS:
         chw, nodata = _read_tiff_bands(path)
     else:
@@ -54,6 +49,8 @@ def read_image_rgb(path, bands: list[int] | None = None) -> np.ndarray:
             raise DatasetCorruptedError(f"cannot decode image {path} with OpenCV; the file is damaged or "
                                         f"not an image (supported: {', '.join(IMAGE_EXTENSIONS)})")
         chw, nodata = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB).transpose(2, 0, 1), None
+    if (small := small_image_message(path, chw.shape[1], chw.shape[2])) is not None:
+        warning_once(small)
     return bands_to_rgb_uint8(chw, bands=bands, nodata=nodata, name=str(path))
 
 
@@ -136,8 +133,8 @@ def read_mask(path) -> np.ndarray:
     files keep their values clipped to 0..255 (the reference's 8-bit conversion would turn a
     16-bit label of 1 into 0); multi-channel non-8-bit labels use the per-pixel channel maximum.
     """
-    path = Path(path)
-    _check_exists(path, "mask")
+    path = check_file_path(path, "mask")
+    check_image_bytes(path, "mask")
     arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if arr is None and path.suffix.lower() in TIFF_EXTENSIONS:
         arr = _read_tiff_bands(path)[0].transpose(1, 2, 0)

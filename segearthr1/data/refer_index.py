@@ -6,7 +6,6 @@ polygon/RLE), and masks are decoded on demand with pycocotools at the image's ow
 """
 from __future__ import annotations
 
-import json
 import logging
 import pickle
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DatasetCorruptedError, DatasetNotFoundError, DependencyNotFoundError
+from .integrity import read_json_file
 
 logger = logging.getLogger(__name__)
 
@@ -123,11 +123,10 @@ class ReferIndex:
             if not sentences:
                 raise DatasetCorruptedError(f"ref_id {entries[-1].ref_id} in {refs_path} has no sentences")
 
+        instances = read_json_file(instances_path, "RRSIS-D instances file")
         try:
-            with open(instances_path, encoding="utf-8") as f:
-                instances = json.load(f)
             image_list, ann_list = instances["images"], instances["annotations"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        except (KeyError, TypeError) as err:
             raise DatasetCorruptedError(f"cannot read {instances_path} as COCO instances with 'images' and "
                                         f"'annotations' ({err!r})") from err
 

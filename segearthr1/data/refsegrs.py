@@ -26,16 +26,20 @@ def parse_phrase_file(path: Path) -> list[tuple[str, str]]:
     """[(ID, phrase)] from `ID phrase...` lines; blank lines are skipped, other bad lines raise."""
     entries = []
     bad = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            line = line.strip()
-            if not line:
-                continue
-            parts = line.split(maxsplit=1)
-            if len(parts) != 2:
-                bad.append(f"line {lineno}: {line!r}")
-                continue
-            entries.append((parts[0], parts[1]))
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DatasetCorruptedError(f"RefSegRS phrase file {path} is not UTF-8 text (byte {err.start}: "
+                                    f"{err.reason}); save it as UTF-8") from err
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        parts = line.split(maxsplit=1)
+        if len(parts) != 2:
+            bad.append(f"line {lineno}: {line!r}")
+            continue
+        entries.append((parts[0], parts[1]))
     if bad:
         raise DatasetCorruptedError(f"RefSegRS phrase file {path} has lines without 'ID phrase': "
                                     f"{list_preview(bad, 10)}")
@@ -51,11 +55,11 @@ class RefSegRSDataset(ReasoningSegDataset):
                      "    images/<ID>.tif   masks/<ID>.tif (0/255)   output_phrase_{train,val,test}.txt")
 
     def __init__(self, data_root, split: str, tokenizer, image_size: int = 1024, train: bool = True,
-                 foreground: str = "255"):
+                 foreground: str = "255", **options):
         if foreground not in FOREGROUND_RULES:
             raise ValueError(f"foreground={foreground!r} is not one of {list(FOREGROUND_RULES)}")
         self.foreground = foreground
-        super().__init__(data_root, split, tokenizer, image_size=image_size, train=train)
+        super().__init__(data_root, split, tokenizer, image_size=image_size, train=train, **options)
 
     @property
     def root(self) -> Path:
@@ -78,7 +82,12 @@ class RefSegRSDataset(ReasoningSegDataset):
         have_masks = {p.name for p in (self.root / "masks").iterdir()}
         no_image = sorted(i for i in ids if f"{i}.tif" not in have_images)
         no_mask = sorted(i for i in ids if f"{i}.tif" not in have_masks)
-        if no_image or no_mask:
+        if self.collect_problems:
+            self.problems.extend(f"{self.root / sub / (i + '.tif')}: listed in {self.phrase_file.name} but missing"
+                                 for sub, ids_ in (("images", no_image), ("masks", no_mask)) for i in ids_)
+            missing = set(no_image) | set(no_mask)
+            self._entries = [e for e in self._entries if e[0] not in missing]
+        elif no_image or no_mask:
             parts = [f"{what} missing for ID(s) {list_preview(v)}"
                      for what, v in (("images/<ID>.tif", no_image), ("masks/<ID>.tif", no_mask)) if v]
             raise DatasetNotFoundError(f"RefSegRS {self.phrase_file.name} lists samples whose files are not in "

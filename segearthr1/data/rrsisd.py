@@ -33,12 +33,12 @@ class RRSISDDataset(ReasoningSegDataset):
                      f"    rrsisd/{REFS_FILE}   rrsisd/instances.json")
 
     def __init__(self, data_root, split: str, tokenizer, image_size: int = 1024,
-                 sentence_sampling: str = "first", train: bool = True, refs_file: str = REFS_FILE):
+                 sentence_sampling: str = "first", train: bool = True, refs_file: str = REFS_FILE, **options):
         if sentence_sampling not in SAMPLING_MODES:
             raise ValueError(f"sentence_sampling={sentence_sampling!r} is not one of {list(SAMPLING_MODES)}")
         self.sentence_sampling = sentence_sampling
         self.refs_file = refs_file
-        super().__init__(data_root, split, tokenizer, image_size=image_size, train=train)
+        super().__init__(data_root, split, tokenizer, image_size=image_size, train=train, **options)
 
     @property
     def root(self) -> Path:
@@ -63,9 +63,10 @@ class RRSISDDataset(ReasoningSegDataset):
                 f"{self.index.available_splits or 'none'}")
         present = {p.name for p in self.image_dir.iterdir()}
         missing = sorted({info.file_name for info in self.index.images.values()} - present)
-        if missing:
+        if missing and not self.collect_problems:
             raise DatasetNotFoundError(f"RRSIS-D split {self.split!r}: {len(missing)} image(s) named in "
                                        f"instances.json are not in {self.image_dir}: {list_preview(missing)}")
+        self.problems.extend(f"{self.image_dir / name}: named in instances.json but missing" for name in missing)
         if self.sentence_sampling == "all":
             self._items = [(r, s) for r, ref in enumerate(self.index.refs) for s in range(len(ref.sentences))]
         else:
@@ -78,7 +79,7 @@ class RRSISDDataset(ReasoningSegDataset):
         r, s = self._items[idx]
         ref = self.index.refs[r]
         if self.sentence_sampling == "random":
-            s = self._random_index(len(ref.sentences))
+            s = self._random_index(len(ref.sentences), idx)
         path = self.image_dir / self.index.images[ref.image_id].file_name
         return SampleSource(path, path.stem, ref.sentences[s])
 

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config_io import apply_overrides, deep_merge, expand_env, load_yaml_config, parse_value, set_dotted
+from .typecheck import check_section, dataclass_hints
 
 MODEL_KEYS = ("text_config", "image_size", "vision", "connector", "description_projector", "pixel_decoder",
               "mask_decoder", "loss", "lora", "llm_attn_implementation", "mask_config")
@@ -91,7 +94,10 @@ def _training_argument_names() -> set[str]:
     return {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
 
 
-OUR_TRAIN_KEYS = ("resume",)
+# Ours, not TrainingArguments: resume, and the non-finite guard (error: stop at the first NaN/Inf loss;
+# skip: skip up to nonfinite_max_skips such steps, then stop).
+OUR_TRAIN_KEYS = ("resume", "nonfinite", "nonfinite_max_skips")
+OUR_TRAIN_TYPES = {"resume": bool, "nonfinite": typing.Literal["error", "skip"], "nonfinite_max_skips": int}
 # Older TrainingArguments names the reference scripts use -> their current equivalents
 # (transformers 5 takes a warmup ratio as a float warmup_steps < 1).
 TRAIN_ALIASES = {"warmup_ratio": "warmup_steps"}
@@ -113,6 +119,17 @@ def validate_train_section(train: dict) -> None:
         hints = [f"train.{k}" + (f" (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, sorted(valid), 1)) else "")
                  for k in unknown]
         raise ValueError(f"unknown config key(s): {', '.join(hints)}; train.* takes HF TrainingArguments fields")
+    check_section("train", train, _train_types())
+    if train.get("nonfinite_max_skips", 0) < 0:
+        raise ValueError(f"train.nonfinite_max_skips={train['nonfinite_max_skips']} must be >= 0")
+
+
+@functools.lru_cache(maxsize=1)
+def _train_types() -> dict:
+    from transformers import TrainingArguments
+
+    hints = dataclass_hints(TrainingArguments) | OUR_TRAIN_TYPES
+    return hints | {old: hints[new] for old, new in TRAIN_ALIASES.items()}
 
 
 def validate_run_config(config: dict) -> dict:
@@ -127,7 +144,9 @@ def validate_run_config(config: dict) -> dict:
     validate_train_section(config.get("train", {}))
     # The resolved config is complete and canonical (defaults filled in, dataset names normalised).
     for section, cls in (("init", InitArgs), ("data", DataArgs), ("eval", EvalArgs)):
-        config[section] = dataclasses.asdict(_strict(cls, config.get(section, {}), section))
+        values = config.get(section, {})
+        check_section(section, {k: v for k, v in values.items() if k != "foreground"}, dataclass_hints(cls))
+        config[section] = dataclasses.asdict(_strict(cls, values, section))
     return config
 
 
