@@ -30,6 +30,7 @@ import torch
 from .config_io import dump_yaml
 from .logging_utils import is_main_process, setup_logging
 from .training.args import build_model_kwargs, data_args, init_args, resolve_run_config, split_cli_pairs
+from .training.curves import TrainingCurvesCallback
 from .training.trainer import RunFilesCallback, SegEarthR1Trainer, last_complete_checkpoint
 
 logger = logging.getLogger("segearthr1.train")
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = SegEarthR1Trainer(
         model=model, args=training_args, train_dataset=train_set,
         data_collator=DataCollator(tokenizer.pad_token_id, max_length=data.max_length),
-        processing_class=tokenizer, callbacks=[RunFilesCallback(output_dir)])
+        processing_class=tokenizer, callbacks=[RunFilesCallback(output_dir), TrainingCurvesCallback()])
     resume_from = None
     if config["train"].get("resume"):
         resume_from = last_complete_checkpoint(output_dir)
