@@ -67,7 +67,8 @@ Outputs (rank 0 writes them):
   protocol**: letterboxed masks incl. padding, first question unless ``--question_sampling`` says
   otherwise), checkpoint, mask_config, config (the model config dict), dataset, data_path,
   data_split, question_sampling, world_size, timestamp, segearthr1_version (+ image_size, dtype,
-  limit, seed, fast_decode). Beyond the reference, clearly separated: ``letterboxed`` and
+  limit, seed, fast_decode, num_workers, eval_seconds, samples_per_second: the evaluation loop's wall
+  time, model loading excluded). Beyond the reference, clearly separated: ``letterboxed`` and
   ``original_resolution`` blocks (each: the reference metrics, ``ci95``, ``empty_target``,
   ``per_image``; see :mod:`segearthr1.evaluation.breakdown`), ``bootstrap`` (resamples, seed,
   confidence, method) and ``protocols`` (what each block means).
@@ -101,6 +102,7 @@ import logging
 import os
 import random
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -661,11 +663,13 @@ def run(args: argparse.Namespace) -> EvalResult:
                         args.dataset_type, args.data_split, n_eval, len(dataset), ctx.world_size, ctx.device,
                         args.batch_size)
         num_workers = args.num_workers if args.num_workers is not None else default_num_workers()
+        started = time.perf_counter()
         result = evaluate_model(model, dataset, tokenizer.pad_token_id, batch_size=args.batch_size,
                                 num_workers=num_workers, seed=args.seed, limit=args.limit, device=ctx.device,
                                 desc=f"{args.dataset_type}/{args.data_split}", prediction_dir=pred_dir,
                                 vis_dir=vis_dir, num_vis=args.num_vis, original_resolution=args.original_resolution,
                                 original_prediction_dir=orig_pred_dir, pin_memory=args.pin_memory)
+        seconds = time.perf_counter() - started
         if ctx.is_main:
             payload = {
                 **result.metrics,
@@ -685,6 +689,9 @@ def run(args: argparse.Namespace) -> EvalResult:
                 "limit": args.limit,
                 "seed": args.seed,
                 "fast_decode": bool(args.fast_decode),
+                "num_workers": num_workers,
+                "eval_seconds": round(seconds, 3),
+                "samples_per_second": round(result.metrics["num_samples"] / max(seconds, 1e-9), 4),
             }
             (out_dir / "metrics.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
             write_per_sample_csv(out_dir / "per_sample.csv", result.rows)
@@ -697,6 +704,8 @@ def run(args: argparse.Namespace) -> EvalResult:
                 logger.info("report: %s", report)
             for line in result.summary_lines:
                 logger.info(line)
+            logger.info("evaluated %d samples in %.1f s (%.3f samples/s, loading excluded)",
+                        result.metrics["num_samples"], seconds, payload["samples_per_second"])
             logger.info("metrics: %s", out_dir / "metrics.json")
             logger.info("per-sample IoU: %s", out_dir / "per_sample.csv")
             if pred_dir is not None:
