@@ -123,7 +123,7 @@ from .errors import (CheckpointKeyError, CheckpointNotFoundError, DatasetCorrupt
 from .data.transforms import unletterbox_logits
 from .evaluation.bootstrap import DEFAULT_RESAMPLES
 from .evaluation.breakdown import blocks_from_rows
-from .evaluation.metrics import IGNORE_INDEX, SegmentationMeter, sample_statistics
+from .evaluation.metrics import IGNORE_INDEX, SegmentationMeter, foreground_counts, foreground_iou
 from .numerics import check_finite_logits
 from .visualization import draw_overlay, save_rgb_png
 
@@ -410,8 +410,9 @@ def evaluate_model(model, dataset, pad_token_id: int, *, batch_size: int = 1, nu
                 check_finite_logits(logits, f"evaluation batch {step} ({', '.join(names)})", logger)
             pred = out.masks.detach().to("cpu", torch.bool)
             stats = meter.update(pred, gt, names=names)
-            gt_pixels = (gt[:, 0] == 1).sum((-2, -1)).tolist()
-            pred_pixels = (pred & (gt[:, 0] != IGNORE_INDEX)).sum((-2, -1)).tolist()
+            gt_hw = gt[:, 0] if gt.dim() == 4 else gt
+            gt_pixels = (gt_hw == 1).sum((-2, -1)).tolist()
+            pred_pixels = (pred & (gt_hw != IGNORE_INDEX)).sum((-2, -1)).tolist()
             orig = [None] * len(indices)
             if original_resolution and logits is not None and "orig_masks" in batch and "letterbox" in batch:
                 orig = [_original_resolution_stats(logits[j], batch["orig_masks"][j], batch["letterbox"][j])
@@ -445,11 +446,9 @@ def _original_resolution_stats(logits: torch.Tensor, gt: torch.Tensor, geometry)
     """Counts at the image's own resolution: logits cropped to the image band, resized bilinearly and
     thresholded at 0 (exactly as inference maps masks back), against the original mask."""
     pred = unletterbox_logits(logits.float(), geometry) > 0
-    gt = gt.to(pred.device)
-    stats = sample_statistics(pred[None], gt[None])
-    return {"orig_intersection": int(stats.intersection[0, 1]), "orig_union": int(stats.union[0, 1]),
-            "orig_iou": float(stats.iou[0, 1]), "orig_gt_pixels": int((gt == 1).sum()),
-            "orig_pred_pixels": int((pred & (gt != IGNORE_INDEX)).sum()), "mask": pred.cpu().numpy()}
+    inter, union, gt_pixels, pred_pixels = foreground_counts(pred, gt.to(pred.device))
+    return {"orig_intersection": inter, "orig_union": union, "orig_iou": foreground_iou(inter, union),
+            "orig_gt_pixels": gt_pixels, "orig_pred_pixels": pred_pixels, "mask": pred.cpu().numpy()}
 
 
 class _MaskWriter:

@@ -20,6 +20,7 @@ from segearthr1 import evaluate as ev
 from segearthr1.data.synthetic import generate
 from segearthr1.evaluation import breakdown
 from segearthr1.evaluation.bootstrap import metric_intervals
+from segearthr1.evaluation.metrics import foreground_counts, foreground_iou, sample_statistics
 from segearthr1.pretrained import save_pretrained
 
 RESAMPLES = 200
@@ -133,6 +134,20 @@ def test_breakdown_on_known_rows():
     assert per_image["num_images"] == 2 and per_image["giou"] == pytest.approx((0.25 + 0.5) / 2)
     no_empty = breakdown.empty_target_breakdown([0.5], [1], [2], [1], [1])
     assert no_empty["false_alarm_rate"] is None and no_empty["empty"]["giou"] is None
+
+
+def test_fast_foreground_counts_equal_the_reference_statistics():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        pred = torch.rand(37, 53, generator=gen) > 0.5
+        gt = torch.randint(0, 2, (37, 53), generator=gen, dtype=torch.uint8)
+        gt[torch.rand(37, 53, generator=gen) > 0.9] = 255
+        stats = sample_statistics(pred[None].float(), gt[None])
+        inter, union, gt_n, pred_n = foreground_counts(pred, gt)
+        assert (inter, union) == (int(stats.intersection[0, 1]), int(stats.union[0, 1]))
+        assert foreground_iou(inter, union) == float(stats.iou[0, 1])
+        assert gt_n == int((gt == 1).sum()) and pred_n == int((pred & (gt != 255)).sum())
+    assert foreground_iou(0, 0) == 1.0
 
 
 def test_bootstrap_interval_is_seeded_and_blockwise_stable(monkeypatch):

@@ -8,7 +8,8 @@ upscale) and the QA files are copied unchanged.
     python tools/make_large_jpegs.py --src DATA_ROOT --out BIG_ROOT --split val --min_size 4000 --max_size 7600
 
 The longer side of each image is drawn uniformly from [min_size, max_size] (seeded), the aspect ratio
-is kept; images are bilinear-upscaled and written as JPEG (--quality), labels nearest-upscaled as PNG.
+is kept; images are bilinear-upscaled (plus optional Gaussian grain, --noise) and written as JPEG
+(--quality), labels nearest-upscaled as PNG.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ SPLIT_DIR = Path("rs_reason_seg") / "RSReasonSeg"
 
 
 def upscale_split(src_root: Path, out_root: Path, split: str, min_size: int, max_size: int, limit: int | None = None,
-                  quality: int = 90, seed: int = 0) -> int:
+                  quality: int = 90, seed: int = 0, noise: float = 0.0) -> int:
     """Write the upscaled copy; returns the number of images written."""
     src = src_root / SPLIT_DIR / split
     if not (src / "images").is_dir():
@@ -45,6 +46,9 @@ def upscale_split(src_root: Path, out_root: Path, split: str, min_size: int, max
         scale = longer / max(h, w)
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         big = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+        if noise > 0:  # texture like real imagery, so JPEG entropy decoding costs what it does there
+            grain = rng.normal(0.0, noise, big.shape[:2] + (1,)).astype(np.float32)
+            big = np.clip(big.astype(np.float32) + grain, 0, 255).astype(np.uint8)
         if not cv2.imwrite(str(out / "images" / f"{path.stem}.jpg"), big, [cv2.IMWRITE_JPEG_QUALITY, quality]):
             raise SystemExit(f"could not write {out / 'images'}")
         cv2.imwrite(str(out / "labels" / f"{path.stem}.png"), cv2.resize(label, size, interpolation=cv2.INTER_NEAREST))
@@ -62,12 +66,14 @@ def main(argv=None) -> int:
     p.add_argument("--max_size", type=int, default=7600, help="largest longer side in px (default 7600)")
     p.add_argument("--limit", type=int, default=None, help="copy only the first N images")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the size draws (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the size draws and the grain (default 0)")
+    p.add_argument("--noise", type=float, default=0.0,
+                   help="std of Gaussian grain added to the upscaled images (default 0: none)")
     args = p.parse_args(argv)
     if not 1 <= args.min_size <= args.max_size:
         p.error(f"need 1 <= --min_size <= --max_size, got {args.min_size}, {args.max_size}")
     n = upscale_split(args.src, args.out, args.split, args.min_size, args.max_size, args.limit, args.quality,
-                      args.seed)
+                      args.seed, args.noise)
     print(f"wrote {n} upscaled images to {args.out / SPLIT_DIR / args.split}")
     return 0
 
