@@ -84,8 +84,9 @@ def foreground_counts(pred_mask: Tensor, gt_mask: Tensor) -> tuple[int, int, int
     gt_fg = gt_mask == 1
     pred_fg = pred_mask if pred_mask.dtype == torch.bool else pred_mask.to(torch.int32) == 1
     pred_fg = pred_fg & (gt_mask != IGNORE_INDEX)
-    inter = int((pred_fg & gt_fg).sum())
-    gt_n, pred_n = int(gt_fg.sum()), int(pred_fg.sum())
+    # count_nonzero: a bool .sum() widens to int64 first and is ~5x slower on large masks
+    inter = int(torch.count_nonzero(pred_fg & gt_fg))
+    gt_n, pred_n = int(torch.count_nonzero(gt_fg)), int(torch.count_nonzero(pred_fg))
     return inter, gt_n + pred_n - inter, gt_n, pred_n
 
 
