@@ -28,8 +28,23 @@ flag                           default      meaning
                                             under output_dir/predictions/; ``--no-save_predictions``
 ``--batch_size``               1            samples per forward pass and process (alias
                                             ``--eval_batch_size``)
-``--num_workers``              2            DataLoader workers per process (alias
-                                            ``--dataloader_num_workers``)
+``--num_workers``              auto         DataLoader workers per process (alias
+                                            ``--dataloader_num_workers``); auto = CPU cores per
+                                            process, at most 8: decoding overlaps the model
+``--pin_memory``               on           pinned host memory for batches on CUDA (no effect on CPU);
+                                            ``--no-pin_memory`` turns it off
+``--fast_decode``              off          decode JPEGs much larger than the input at 1/2, 1/4 or 1/8
+                                            scale (OpenCV reduced decode, the smallest still >= S), then
+                                            the usual letterbox resize; faster, NOT byte-identical to
+                                            the reference (README: speed and gIoU change)
+``--original_resolution``      on           also score masks at the image's original resolution
+                                            (logits mapped back as inference does, padding excluded);
+                                            ``--no-original_resolution`` skips it
+``--bootstrap_resamples``      1000         resamples for the 95 % bootstrap intervals (seeded by
+                                            ``--seed``); 0 turns them off
+``--report``                   on           write report.html (metrics, plots, galleries);
+                                            ``--no-report`` skips it
+``--num_gallery``              4            samples in each of the best / median / worst galleries
 ``--device``                   auto         auto | cpu | cuda (under torchrun: cuda:LOCAL_RANK)
 ``--dtype``                    fp32         auto | fp32 | bf16; fp32 like the reference's evaluation,
                                             auto = bf16 on CUDA, fp32 on CPU
@@ -48,13 +63,24 @@ flag                           default      meaning
 
 Outputs (rank 0 writes them):
 
-* ``metrics.json``: giou, ciou, precision@0.5 … precision@0.9, num_samples, checkpoint, mask_config,
-  config (the model config dict), dataset, data_path, data_split, question_sampling, world_size,
-  timestamp, segearthr1_version (+ image_size, dtype, limit, seed).
+* ``metrics.json``: giou, ciou, precision@0.5 … precision@0.9, num_samples (the **reference
+  protocol**: letterboxed masks incl. padding, first question unless ``--question_sampling`` says
+  otherwise), checkpoint, mask_config, config (the model config dict), dataset, data_path,
+  data_split, question_sampling, world_size, timestamp, segearthr1_version (+ image_size, dtype,
+  limit, seed, fast_decode, num_workers, eval_seconds, samples_per_second: the evaluation loop's wall
+  time, model loading excluded). Beyond the reference, clearly separated: ``letterboxed`` and
+  ``original_resolution`` blocks (each: the reference metrics, ``ci95``, ``empty_target``,
+  ``per_image``; see :mod:`segearthr1.evaluation.breakdown`), ``bootstrap`` (resamples, seed,
+  confidence, method) and ``protocols`` (what each block means).
 * ``per_sample.csv``: name, intersection, union, iou (foreground, full precision), index,
-  image_name, question — sorted by sample index.
+  image_name, question, then gt_pixels, pred_pixels (letterboxed foreground pixels), orig_intersection,
+  orig_union, orig_iou, orig_gt_pixels, orig_pred_pixels (original resolution; empty when not
+  computed), answer (the dataset's answer, reasoning only) — sorted by sample index.
 * ``predictions/<sample_id>.png``: the S×S letterboxed predicted mask, 0/255, exactly the pixels the
-  metrics were computed on.
+  metrics were computed on; ``predictions_original/<sample_id>.png`` the mask at the image's
+  original resolution (with ``--original_resolution``).
+* ``report.html``: self-contained report (images inlined): metrics table, IoU histogram, P@t curve,
+  empty-target confusion, best / median / worst galleries.
 
 Sample ids are the image name (EarthReason stem, RefSegRS ID, RRSIS-D image stem); when a name occurs
 more than once in the split (``--question_sampling all``, several RRSIS-D refs per image) the k-th
@@ -73,8 +99,10 @@ import csv
 import datetime
 import json
 import logging
+import os
 import random
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -92,12 +120,21 @@ from .data.registry import DATASETS, build_dataset, default_data_root
 from .data.transforms import PIXEL_MEAN, PIXEL_STD
 from .errors import (CheckpointKeyError, CheckpointNotFoundError, DatasetCorruptedError, DatasetNotFoundError,
                      DependencyNotFoundError)
-from .evaluation.metrics import SegmentationMeter
+from .data.transforms import unletterbox_logits
+from .evaluation.bootstrap import DEFAULT_RESAMPLES
+from .evaluation.breakdown import blocks_from_rows
+from .evaluation.metrics import IGNORE_INDEX, SegmentationMeter, foreground_counts, foreground_iou
+from .numerics import check_finite_logits
 from .visualization import draw_overlay, save_rgb_png
 
 logger = logging.getLogger(__name__)
 
-CSV_COLUMNS = ("name", "intersection", "union", "iou", "index", "image_name", "question")
+CSV_COLUMNS = ("name", "intersection", "union", "iou", "index", "image_name", "question", "gt_pixels",
+               "pred_pixels", "orig_intersection", "orig_union", "orig_iou", "orig_gt_pixels", "orig_pred_pixels",
+               "answer")
+_INT_COLUMNS = ("intersection", "union", "index", "gt_pixels", "pred_pixels", "orig_intersection", "orig_union",
+                "orig_gt_pixels", "orig_pred_pixels")
+_FLOAT_COLUMNS = ("iou", "orig_iou")
 REFERENCE_IGNORED_FLAGS = ("version", "use_seg_query", "seg_task", "model_map_name", "image_aspect_ratio",
                            "segmentation", "lazy_preprocess", "is_multimodal", "image_grid_pinpoints")
 DTYPES = ("auto", "fp32", "bf16")
@@ -151,8 +188,25 @@ def build_parser() -> argparse.ArgumentParser:
              "(default: on)")
     add("--batch_size", "--eval_batch_size", dest="batch_size", type=_positive_int, default=1,
         help="samples per forward pass and process (default 1; --eval_batch_size is the reference's name)")
-    add("--num_workers", "--dataloader_num_workers", dest="num_workers", type=_non_negative_int, default=2,
-        help="DataLoader worker processes per rank (default 2; --dataloader_num_workers is the reference's name)")
+    add("--num_workers", "--dataloader_num_workers", dest="num_workers", type=_non_negative_int, default=None,
+        help="DataLoader worker processes per rank (default: CPU cores per process, at most 8, so decoding "
+             "overlaps the model; --dataloader_num_workers is the reference's name)")
+    add("--pin_memory", action=argparse.BooleanOptionalAction, default=True,
+        help="pinned host memory for batches when evaluating on CUDA (default: on; no effect on CPU)")
+    add("--fast_decode", action="store_true",
+        help="decode JPEGs much larger than the model input at reduced scale (OpenCV 1/2, 1/4, 1/8: the smallest "
+             "still >= the letterbox size), then letterbox as usual. Faster; NOT byte-identical to the reference")
+    add("--original_resolution", action=argparse.BooleanOptionalAction, default=True,
+        help="also compute metrics at each image's original resolution (logits mapped back as inference does, "
+             "padding excluded) into metrics.json 'original_resolution' (default: on)")
+    add("--bootstrap_resamples", type=_non_negative_int, default=DEFAULT_RESAMPLES,
+        help=f"bootstrap resamples for the 95%% confidence intervals of gIoU/cIoU (default {DEFAULT_RESAMPLES}, "
+             "seeded by --seed; 0 = no intervals)")
+    add("--report", action=argparse.BooleanOptionalAction, default=True,
+        help="write output_dir/report.html: metrics, IoU histogram, P@t curve, empty-target confusion and "
+             "best/median/worst galleries, images inlined (default: on)")
+    add("--num_gallery", type=_non_negative_int, default=4,
+        help="samples per gallery (best, median, worst) in report.html (default 4)")
     add("--device", default="auto", choices=DEVICES,
         help="auto (CUDA if available), cpu or cuda; under torchrun each rank uses cuda:LOCAL_RANK")
     add("--dtype", default="fp32", choices=DTYPES,
@@ -306,17 +360,23 @@ def _model_device(model) -> torch.device:
 def evaluate_model(model, dataset, pad_token_id: int, *, batch_size: int = 1, num_workers: int = 0, seed: int = 0,
                    limit: int | None = None, device: torch.device | None = None, desc: str = "eval",
                    prediction_dir: str | Path | None = None, vis_dir: str | Path | None = None, num_vis: int = 0,
-                   ids: Sequence[str] | None = None) -> EvalResult:
+                   ids: Sequence[str] | None = None, original_resolution: bool = True,
+                   original_prediction_dir: str | Path | None = None, pin_memory: bool = True) -> EvalResult:
     """Run `model.predict` over `dataset` (this rank's shard when torch.distributed is initialised),
     reduce across ranks and return the metrics.
 
     Args:
-        model: anything with ``predict(**batch) -> .masks [B,S,S]`` (a SegEarthR1ForReasoningSegmentation).
-        dataset: a map-style dataset of sample dicts (`images`, `masks` [1,S,S], text keys, `question`).
+        model: anything with ``predict(**batch) -> .masks [B,S,S]`` (a SegEarthR1ForReasoningSegmentation);
+            ``.mask_logits`` too for original-resolution metrics and the non-finite check.
+        dataset: a map-style dataset of sample dicts (`images`, `masks` [1,S,S], text keys, `question`;
+            `orig_masks` + `letterbox` for original-resolution metrics).
         pad_token_id: for the collator.
         prediction_dir: if given, each rank writes ``<id>.png`` (0/255, S×S) there.
         vis_dir: if given, overlays of samples with index < `num_vis` are written there.
         ids: per-sample ids for all of `dataset` (default: `sample_ids(dataset)`).
+        original_resolution: score masks mapped back to each image's size when the batch allows it.
+        original_prediction_dir: if given, the original-resolution masks are written there.
+        pin_memory: pinned host memory for the batches (used on CUDA only).
     """
     n_total = len(dataset)
     ids = list(ids) if ids is not None else sample_ids(dataset)
@@ -325,41 +385,101 @@ def evaluate_model(model, dataset, pad_token_id: int, *, batch_size: int = 1, nu
     selected = range(min(limit, n_total) if limit is not None else n_total)
     rank, world = distributed.get_rank(), distributed.get_world_size()
     shard = IndexedSubset(dataset, shard_indices(selected, rank, world), seed=seed)
-    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=DataCollator(pad_token_id), drop_last=False)
     device = device or _model_device(model)
-    prediction_dir = Path(prediction_dir) if prediction_dir is not None else None
-    vis_dir = Path(vis_dir) if vis_dir is not None else None
-    for d in (prediction_dir, vis_dir):
+    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=DataCollator(pad_token_id), drop_last=False,
+                        pin_memory=bool(pin_memory) and device.type == "cuda")
+    dirs = [Path(d) if d is not None else None for d in (prediction_dir, vis_dir, original_prediction_dir)]
+    prediction_dir, vis_dir, original_prediction_dir = dirs
+    for d in dirs:
         if d is not None:
             d.mkdir(parents=True, exist_ok=True)
 
     model.eval()
     meter = SegmentationMeter()
     rows: list[dict] = []
-    for batch in tqdm(loader, desc=desc, disable=rank != 0, total=len(loader), dynamic_ncols=True):
-        indices = [int(i) for i in batch.pop("sample_index")]
-        gt = batch["masks"]
-        pred = model.predict(**_to_device(batch, device)).masks.detach().to("cpu", torch.bool)
-        names = [ids[i] for i in indices]
-        stats = meter.update(pred, gt, names=names)
-        questions = batch.get("question", [""] * len(indices))
-        image_names = batch.get("image_name", names)
-        for j, idx in enumerate(indices):
-            rows.append({"name": names[j], "intersection": int(stats.intersection[j, 1]),
-                         "union": int(stats.union[j, 1]), "iou": float(stats.iou[j, 1]), "index": idx,
-                         "image_name": str(image_names[j]), "question": str(questions[j])})
-        if prediction_dir is not None:
-            for j, name in enumerate(names):
-                write_mask_png(prediction_dir / f"{name}.png", pred[j].numpy())
-        vis_rows = [j for j, idx in enumerate(indices) if idx < num_vis] if vis_dir is not None else []
-        if vis_rows:
-            images = denormalize_images(batch["images"][vis_rows])
-            for k, j in enumerate(vis_rows):
-                overlay = draw_overlay(images[k], pred[j].numpy(), (gt[j, 0] == 1).numpy(),
-                                       caption=str(questions[j]) or None)
-                save_rgb_png(vis_dir / f"{names[j]}.png", overlay)
+    with _MaskWriter() as writer:
+        for step, batch in enumerate(tqdm(loader, desc=desc, disable=rank != 0, total=len(loader),
+                                          dynamic_ncols=True)):
+            indices = [int(i) for i in batch.pop("sample_index")]
+            names = [ids[i] for i in indices]
+            gt = batch["masks"]
+            out = model.predict(**_to_device(batch, device))
+            logits = getattr(out, "mask_logits", None)
+            if logits is not None:
+                check_finite_logits(logits, f"evaluation batch {step} ({', '.join(names)})", logger)
+            pred = out.masks.detach().to("cpu", torch.bool)
+            stats = meter.update(pred, gt, names=names)
+            gt_hw = gt[:, 0] if gt.dim() == 4 else gt
+            gt_pixels = (gt_hw == 1).sum((-2, -1)).tolist()
+            pred_pixels = (pred & (gt_hw != IGNORE_INDEX)).sum((-2, -1)).tolist()
+            orig = [None] * len(indices)
+            if original_resolution and logits is not None and "orig_masks" in batch and "letterbox" in batch:
+                orig = [_original_resolution_stats(logits[j], batch["orig_masks"][j], batch["letterbox"][j])
+                        for j in range(len(indices))]
+            questions = batch.get("question", [""] * len(indices))
+            image_names = batch.get("image_name", names)
+            answers = batch.get("answer", [None] * len(indices))
+            for j, idx in enumerate(indices):
+                row = {"name": names[j], "intersection": int(stats.intersection[j, 1]),
+                       "union": int(stats.union[j, 1]), "iou": float(stats.iou[j, 1]), "index": idx,
+                       "image_name": str(image_names[j]), "question": str(questions[j]),
+                       "gt_pixels": int(gt_pixels[j]), "pred_pixels": int(pred_pixels[j]),
+                       "answer": "" if answers[j] is None else str(answers[j])}
+                row.update({k: v for k, v in (orig[j] or {}).items() if k != "mask"})
+                rows.append(row)
+                if prediction_dir is not None:
+                    writer.write(prediction_dir / f"{names[j]}.png", pred[j].numpy())
+                if original_prediction_dir is not None and orig[j] is not None:
+                    writer.write(original_prediction_dir / f"{names[j]}.png", orig[j]["mask"])
+            vis_rows = [j for j, idx in enumerate(indices) if idx < num_vis] if vis_dir is not None else []
+            if vis_rows:
+                images = denormalize_images(batch["images"][vis_rows])
+                for k, j in enumerate(vis_rows):
+                    overlay = draw_overlay(images[k], pred[j].numpy(), (gt[j, 0] == 1).numpy(),
+                                           caption=str(questions[j]) or None)
+                    save_rgb_png(vis_dir / f"{names[j]}.png", overlay)
     return _reduce(meter, rows)
+
+
+def _original_resolution_stats(logits: torch.Tensor, gt: torch.Tensor, geometry) -> dict:
+    """Counts at the image's own resolution: logits cropped to the image band, resized bilinearly and
+    thresholded at 0 (exactly as inference maps masks back), against the original mask."""
+    pred = unletterbox_logits(logits.float(), geometry) > 0
+    inter, union, gt_pixels, pred_pixels = foreground_counts(pred, gt.to(pred.device))
+    return {"orig_intersection": inter, "orig_union": union, "orig_iou": foreground_iou(inter, union),
+            "orig_gt_pixels": gt_pixels, "orig_pred_pixels": pred_pixels, "mask": pred.cpu().numpy()}
+
+
+class _MaskWriter:
+    """Writes prediction PNGs on background threads (OpenCV releases the GIL), so PNG encoding of
+    large original-resolution masks overlaps the next forward pass; errors surface on exit."""
+
+    def __init__(self, threads: int = 2):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=threads)
+        self._futures: list = []
+
+    def write(self, path: Path, mask: np.ndarray, max_pending: int = 8) -> None:
+        pending = []
+        for f in self._futures:
+            if f.done():
+                f.result()  # re-raises a failed write now rather than at the end
+            else:
+                pending.append(f)
+        if len(pending) >= max_pending:  # bound the memory held by queued large masks
+            pending.pop(0).result()
+        pending.append(self._pool.submit(write_mask_png, path, mask))
+        self._futures = pending
+
+    def __enter__(self) -> "_MaskWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._pool.shutdown(wait=True)
+        for f in self._futures:
+            f.result()
 
 
 def _reduce(meter: SegmentationMeter, rows: list[dict]) -> EvalResult:
@@ -396,14 +516,22 @@ def write_per_sample_csv(path: str | Path, rows: Sequence[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         for r in rows:
-            writer.writerow({**{k: r[k] for k in CSV_COLUMNS}, "iou": repr(float(r["iou"]))})
+            values = {k: r.get(k) for k in CSV_COLUMNS}
+            values.update({k: repr(float(r[k])) for k in _FLOAT_COLUMNS if r.get(k) is not None})
+            writer.writerow({k: "" if v is None else v for k, v in values.items()})
 
 
 def read_per_sample_csv(path: str | Path) -> list[dict]:
-    """Rows of per_sample.csv with numeric columns parsed."""
+    """Rows of per_sample.csv with numeric columns parsed (empty cells -> None)."""
+    def parse(key, value):
+        if key in _INT_COLUMNS:
+            return int(value) if value not in (None, "") else None
+        if key in _FLOAT_COLUMNS:
+            return float(value) if value not in (None, "") else None
+        return value
+
     with Path(path).open(newline="", encoding="utf-8") as f:
-        return [{**r, "intersection": int(r["intersection"]), "union": int(r["union"]), "iou": float(r["iou"]),
-                 "index": int(r["index"])} for r in csv.DictReader(f)]
+        return [{k: parse(k, v) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
 def _json_safe(value):
@@ -423,6 +551,32 @@ def _clear_stale_predictions(directory: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------
 # CLI workflow
+
+def default_num_workers() -> int:
+    """DataLoader workers per process: this process's share of the CPU cores, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local_world = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, min(8, cores // local_world))
+
+
+PROTOCOLS = {
+    "reference": "top-level giou/ciou/precision@*: the reference protocol - letterboxed SxS masks including the "
+                 "padding band, the question(s) chosen by question_sampling (first = reference)",
+    "letterboxed": "the same masks as the reference protocol, with intervals and breakdowns",
+    "original_resolution": "each mask at its image's original HxW: logits cropped to the image band, resized "
+                           "bilinearly and thresholded at 0 (as inference does), against the original mask; "
+                           "padding excluded",
+}
+
+
+def extended_metrics(rows: Sequence[dict], resamples: int, seed: int) -> dict:
+    """The metrics.json keys beyond the reference protocol (see the module docstring)."""
+    blocks = blocks_from_rows(rows, resamples=resamples, seed=seed)
+    protocols = {k: v for k, v in PROTOCOLS.items() if k == "reference" or k in blocks}
+    bootstrap = {"resamples": resamples, "seed": seed, "confidence": 0.95, "method": "percentile",
+                 "rng": "numpy.random.default_rng(seed).integers(0, n, size=(resamples, n))"}
+    return {"protocols": protocols, **blocks, "bootstrap": bootstrap}
+
 
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -483,6 +637,8 @@ def run(args: argparse.Namespace) -> EvalResult:
         # the dataset is checked before the weights are read, so a wrong data path fails in seconds
         dataset = build_dataset(args.dataset_type, data_path, args.data_split, load_tokenizer(model_dir),
                                 image_size=image_size, train=False, **_dataset_kwargs(args))
+        dataset.include_eval_extras = bool(args.original_resolution or args.report)
+        dataset.fast_decode = bool(args.fast_decode)
         model, tokenizer = load_pretrained(model_dir, mask_config=args.mask_config, device=ctx.device,
                                            dtype=args.dtype, image_size=args.image_size)
         if model.config.image_size != image_size:
@@ -490,25 +646,33 @@ def run(args: argparse.Namespace) -> EvalResult:
         out_dir = Path(args.output_dir) if args.output_dir else Path("outputs") / "eval" / (
             f"{args.dataset_type}_{args.data_split}")
         pred_dir = out_dir / "predictions" if args.save_predictions else None
+        orig_pred_dir = out_dir / "predictions_original" if args.save_predictions and args.original_resolution \
+            else None
         vis_dir = Path(args.vis_path) if args.vis_path and args.num_vis > 0 else None
         if ctx.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
-            if pred_dir is not None:
-                _clear_stale_predictions(pred_dir)
-                pred_dir.mkdir(parents=True, exist_ok=True)
+            for d in (pred_dir, orig_pred_dir):
+                if d is not None:
+                    _clear_stale_predictions(d)
+                    d.mkdir(parents=True, exist_ok=True)
         distributed.barrier()
         n_eval = min(args.limit, len(dataset)) if args.limit else len(dataset)
         if ctx.is_main:
             logger.info("evaluating %s on %s/%s: %d of %d samples, %d process(es), %s, batch %d", model_dir,
                         args.dataset_type, args.data_split, n_eval, len(dataset), ctx.world_size, ctx.device,
                         args.batch_size)
+        num_workers = args.num_workers if args.num_workers is not None else default_num_workers()
+        started = time.perf_counter()
         result = evaluate_model(model, dataset, tokenizer.pad_token_id, batch_size=args.batch_size,
-                                num_workers=args.num_workers, seed=args.seed, limit=args.limit, device=ctx.device,
+                                num_workers=num_workers, seed=args.seed, limit=args.limit, device=ctx.device,
                                 desc=f"{args.dataset_type}/{args.data_split}", prediction_dir=pred_dir,
-                                vis_dir=vis_dir, num_vis=args.num_vis)
+                                vis_dir=vis_dir, num_vis=args.num_vis, original_resolution=args.original_resolution,
+                                original_prediction_dir=orig_pred_dir, pin_memory=args.pin_memory)
+        seconds = time.perf_counter() - started
         if ctx.is_main:
             payload = {
                 **result.metrics,
+                **extended_metrics(result.rows, args.bootstrap_resamples, args.seed),
                 "checkpoint": str(model_dir.resolve()),
                 "mask_config": str(Path(args.mask_config).resolve()) if args.mask_config else None,
                 "config": _json_safe(model.config.to_dict()),
@@ -523,11 +687,24 @@ def run(args: argparse.Namespace) -> EvalResult:
                 "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
                 "limit": args.limit,
                 "seed": args.seed,
+                "fast_decode": bool(args.fast_decode),
+                "num_workers": num_workers,
+                "eval_seconds": round(seconds, 3),
+                "samples_per_second": round(result.metrics["num_samples"] / max(seconds, 1e-9), 4),
             }
             (out_dir / "metrics.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
             write_per_sample_csv(out_dir / "per_sample.csv", result.rows)
+            if args.report:
+                from .evaluation.report import write_report
+
+                report = write_report(out_dir, payload, result.rows, dataset, model=model,
+                                      pad_token_id=tokenizer.pad_token_id, seed=args.seed, device=ctx.device,
+                                      prediction_dir=pred_dir, num_gallery=args.num_gallery)
+                logger.info("report: %s", report)
             for line in result.summary_lines:
                 logger.info(line)
+            logger.info("evaluated %d samples in %.1f s (%.3f samples/s, loading excluded)",
+                        result.metrics["num_samples"], seconds, payload["samples_per_second"])
             logger.info("metrics: %s", out_dir / "metrics.json")
             logger.info("per-sample IoU: %s", out_dir / "per_sample.csv")
             if pred_dir is not None:

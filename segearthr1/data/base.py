@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from ..errors import DatasetCorruptedError, DatasetNotFoundError
 from ..logging_utils import warning_once
 from ..processing import TextEncoder
+from .fast_decode import read_image_for_letterbox
 from .image_io import read_image_rgb
 from .transforms import letterbox_image, letterbox_mask, normalize_image
 
@@ -68,6 +69,10 @@ class ReasoningSegDataset(Dataset):
     name: ClassVar[str] = ""
     dataset_type: ClassVar[str] = ""
     expected_tree: ClassVar[str] = ""
+    #: set by evaluation: samples also carry `orig_masks` (HxW uint8 at the image's resolution) and `answer`
+    include_eval_extras: bool = False
+    #: set by evaluation's --fast_decode: large JPEGs are decoded at reduced scale (fast_decode.py)
+    fast_decode: bool = False
 
     def __init__(self, data_root, split: str, tokenizer, image_size: int = 1024, train: bool = True,
                  seed: int = 0, max_text_tokens: int | None = None, collect_problems: bool = False):
@@ -147,20 +152,24 @@ class ReasoningSegDataset(Dataset):
         idx = int(idx) % n
         source = self._source(idx)
         try:
-            image = read_image_rgb(source.image_path)
-            mask = self._load_mask(idx, source, image.shape[:2])
+            if self.fast_decode:
+                image, image_hw = read_image_for_letterbox(source.image_path, self.image_size)
+            else:
+                image = read_image_rgb(source.image_path)
+                image_hw = image.shape[:2]
+            mask = self._load_mask(idx, source, image_hw)
         except DatasetNotFoundError as err:
             raise DatasetNotFoundError(f"{self._where(source)}: {err}") from err
         except DatasetCorruptedError as err:
             raise DatasetCorruptedError(f"{self._where(source)}: {err}") from err
-        if mask.shape != image.shape[:2]:
+        if mask.shape != tuple(image_hw):
             raise DatasetCorruptedError(
                 f"{self._where(source)}: mask is {mask.shape[0]}x{mask.shape[1]} but image "
-                f"{source.image_path} is {image.shape[0]}x{image.shape[1]}; they must have the same size")
+                f"{source.image_path} is {image_hw[0]}x{image_hw[1]}; they must have the same size")
         return self._build_sample(image, mask, source)
 
     def _build_sample(self, image: np.ndarray, mask: np.ndarray, source: SampleSource) -> dict:
-        image_chw, geometry = letterbox_image(image, self.image_size)
+        image_chw, geometry = letterbox_image(image, self.image_size, orig_hw=mask.shape)
         mask_t, _ = letterbox_mask(mask, self.image_size)
         sample: dict = {"images": normalize_image(image_chw), "masks": mask_t}
         if self._text is not None:
@@ -170,10 +179,12 @@ class ReasoningSegDataset(Dataset):
         sample.update(
             image_name=source.image_name,
             image_path=str(source.image_path),
-            orig_size=(int(image.shape[0]), int(image.shape[1])),
+            orig_size=(int(mask.shape[0]), int(mask.shape[1])),
             letterbox=geometry.to_dict(),
             question=source.instruction,
         )
+        if self.include_eval_extras:
+            sample.update(orig_masks=torch.from_numpy(np.ascontiguousarray(mask)), answer=source.answer)
         return sample
 
     def _truncated(self, text: dict, source: SampleSource) -> dict:

@@ -66,12 +66,17 @@ def _as_geometry(geometry) -> LetterboxGeometry:
     return geometry if isinstance(geometry, LetterboxGeometry) else LetterboxGeometry.from_dict(geometry)
 
 
-def letterbox_image(image: np.ndarray, size: int = 1024) -> tuple[torch.Tensor, LetterboxGeometry]:
-    """HxWxC uint8 (RGB) -> ([C, size, size] uint8 tensor, geometry); bilinear, zero padding."""
+def letterbox_image(image: np.ndarray, size: int = 1024,
+                    orig_hw: tuple[int, int] | None = None) -> tuple[torch.Tensor, LetterboxGeometry]:
+    """HxWxC uint8 (RGB) -> ([C, size, size] uint8 tensor, geometry); bilinear, zero padding.
+
+    `orig_hw`: the full size when `image` is a reduced-resolution decode of it (fast_decode.py); the
+    geometry is then that of the full image. Default: the image's own size.
+    """
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.dtype != np.uint8:
         desc = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
         raise ValueError(f"letterbox_image expects an HxWxC uint8 numpy array, got {desc}")
-    geo = LetterboxGeometry.compute(image.shape[0], image.shape[1], size)
+    geo = LetterboxGeometry.compute(*(orig_hw if orig_hw is not None else image.shape[:2]), size)
     resized = cv2.resize(np.ascontiguousarray(image), (geo.new_w, geo.new_h), interpolation=cv2.INTER_LINEAR)
     resized = resized.reshape(geo.new_h, geo.new_w, image.shape[2])  # cv2 drops a single channel axis
     canvas = np.zeros((geo.size, geo.size, image.shape[2]), dtype=np.uint8)
