@@ -301,8 +301,11 @@ def test_cli_geotiff_reference_release(tmp_path, release, tokenizer):
                     "--device", "cpu", "--explain", "--max_new_tokens", "4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rgb = read_image_rgb(tif, bands=[3, 2, 1])  # the data pipeline's reading of the same file
-    expected = (expected_logits(ref, tokenizer, rgb, QUERY) > 0).numpy()
-    assert 0 < expected.sum() < expected.size
+    predicted = (expected_logits(ref, tokenizer, rgb, QUERY) > 0).numpy()
+    with rasterio.open(tif) as src:
+        nodata = (src.read() == 0).all(axis=0)
+    assert 0 < predicted.sum() < predicted.size and predicted[nodata].any()  # the nodata rule is exercised
+    expected = predicted & ~nodata  # nodata is never part of the answer, in any of the outputs
 
     png = cv2.imread(str(out / "scene__0_mask.png"), cv2.IMREAD_UNCHANGED)
     assert png.dtype == np.uint8 and set(np.unique(png)) <= {0, 255}
@@ -312,7 +315,6 @@ def test_cli_geotiff_reference_release(tmp_path, release, tokenizer):
         assert ds.crs == src.crs == UTM and ds.transform == src.transform == GEO_TRANSFORM
         assert (ds.height, ds.width) == (src.height, src.width) and ds.nodata == 255
         written = ds.read(1)
-        nodata = (src.read() == 0).all(axis=0)
     assert nodata.sum() == 24 and (written[nodata] == 255).all()
     np.testing.assert_array_equal(written[~nodata], expected[~nodata].astype(np.uint8))
 
@@ -340,6 +342,8 @@ def test_cli_geotiff_reference_release(tmp_path, release, tokenizer):
     assert rec["bbox_px"] == [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
     assert rec["bbox_map"] == pytest.approx(list(union.bounds))
     assert rec["nodata"] == 0 and rec["bands"] == [3, 2, 1] and "crs_note" not in rec
+    assert rec["area_method"] == "planar" and rec["nodata_px"] == 24
+    assert rec["mask_px_dropped_on_nodata"] == int(predicted[nodata].sum())
     assert isinstance(rec["answer"], str) and rec["answer_tokens"] >= 1
     assert {"read_s", "model_s", "explain_s", "postprocess_s", "write_s"} <= set(rec["timings_s"])
     assert rec["model"] == str(release_dir) and (out / "scene__0_overlay.png").is_file()
@@ -398,7 +402,16 @@ def test_geotiff_crs_variants(tmp_path, predictor):
                                transform=Affine(0.001, 0, 10.0, 0, -0.001, 50.0), nodata=None)
     pred = predictor.predict(geographic, QUERY)
     assert pred.geo is not None and pred.record["crs"] == "EPSG:4326"
-    assert pred.record["mask_area_m2"] is None and "not projected" in pred.record["crs_note"]
+    # geodesic: the sum over mask pixels of each pixel's own area on the WGS84 ellipsoid
+    from pyproj import Geod
+    geod = Geod(ellps="WGS84")
+    expected_m2 = sum(int(n) * abs(geod.polygon_area_perimeter([10.0, 10.001, 10.001, 10.0],
+                                                                 [50.0 - r * 1e-3, 50.0 - r * 1e-3,
+                                                                  50.0 - (r + 1) * 1e-3, 50.0 - (r + 1) * 1e-3])[0])
+                      for r, n in enumerate(pred.mask.sum(axis=1)))
+    assert pred.mask.sum() > 0 and pred.record["area_method"] == "geodesic" and "crs_note" not in pred.record
+    assert pred.record["mask_area_m2"] == pytest.approx(expected_m2, rel=1e-7)
+    assert 0.9 < pred.record["mask_area_m2"] / (pred.mask.sum() * 111.2e3 * 71.5e3 * 1e-6) < 1.1  # ~111 x 71.5 m px
     assert pred.record["mask_area_crs_units"] == pytest.approx(pred.mask.sum() * 1e-6)
     assert box(10.0, 50.0 - 0.016, 10.021, 50.0).buffer(1e-9).contains(unary_union(pred.polygons))
 
