@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 SAMPLE_PIXELS = 1024 * 1024  # decimated read for the stretch limits and the overlay preview
 PREVIEW_MAX_SIDE = 2048
 TILE_BATCH = 8  # tiles per model batch: the per-call overhead dominates small models on CPU
-GDAL_CACHE_MB = 256  # GDAL's block cache during tiled runs (its default is 5% of the RAM)
+GDAL_CACHE_BYTES = 256 * 2 ** 20  # GDAL's block cache during tiled runs (default: 5% of the RAM); in bytes
 
 
 @dataclass(frozen=True)
@@ -277,7 +277,7 @@ def predict_tiled(predictor, image: str | Path, query: str, mask_path: str | Pat
         raise ValueError("predict_tiled needs a predictor built with tile=True")
     text = predictor.checked_query(query)
     start = time.perf_counter()
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), RasterTiles(image, predictor.bands) as source:
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), RasterTiles(image, predictor.bands) as source:
         info = source.info
         rows_plan, cols_plan = axis_weights(info.height, spec), axis_weights(info.width, spec)
         num_tiles = len(rows_plan) * len(cols_plan)
