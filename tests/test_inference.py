@@ -506,3 +506,65 @@ def test_console_entry_points(tmp_path):
         pytest.skip("the `segearthr1` console script is not installed (pip install -e .)")
     proc = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "predict" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# device, query length, non-finite logits, the --tile hint
+
+def test_cuda_request_without_cuda_is_one_line(tmp_path, ckpt, quiet_cli, caplog, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    good = tmp_path / "ok.png"
+    cv2.imwrite(str(good), random_rgb(8, 8))
+    rc = predict_cli.main(["--model_path", str(ckpt), "--image", str(good), "--query", "q", "--output_dir",
+                           str(tmp_path / "o"), "--device", "cuda"])
+    assert rc == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "no usable CUDA device" in errors[0] and "\n" not in errors[0]
+    with pytest.raises(ValueError, match="--device cpu"):
+        Predictor(ckpt, device="cuda:1")
+
+
+def test_query_token_limit(tmp_path, ckpt, predictor, tokenizer, quiet_cli, caplog):
+    limit = predictor.query_token_limit()
+    # prompt + visual tokens + a query of exactly `limit` tokens fill the tiny LLM's 512 positions
+    assert 0 < limit < 512
+    words = " ".join(["flood"] * 600)
+    ids = tokenizer.encode(" " + words, add_special_tokens=False)
+    fitting = tokenizer.decode(ids[:limit]).strip()
+    assert len(tokenizer.encode(" " + fitting, add_special_tokens=False)) <= limit
+    predictor.predict(random_rgb(16, 16), fitting)  # the longest query the model takes runs
+    # ... and the limit is exact: the merged LLM sequence of that query is 512 - (limit - its tokens) long
+    from segearthr1.modeling.input_merge import merge_multimodal_inputs
+    model = predictor.model
+    batch, _, _ = predictor.encode([random_rgb(16, 16)], [fitting])
+    visual = model.connector(model.encode_images(batch["images"])["res5"])
+    merged = merge_multimodal_inputs(batch["input_ids"], batch["attention_mask"], None, model.get_input_embeddings(),
+                                     visual, batch["token_refer_id"], token_answer_id=batch.get("token_answer_id"),
+                                     seg_token_id=model.config.seg_token_id,
+                                     keep_seg_token=model.config.keep_seg_token)
+    n_fitting = len(tokenizer.encode(" " + fitting, add_special_tokens=False))
+    assert merged.inputs_embeds.shape[1] == 512 - (limit - n_fitting)
+    with pytest.raises(ValueError, match=f"more than the limit of {limit}"):
+        predictor.predict(random_rgb(16, 16), words)
+    short = Predictor.from_model(predictor.model, tokenizer, max_query_tokens=3)
+    with pytest.raises(ValueError, match="limit of 3"):
+        short.predict(random_rgb(16, 16), "where is the large red triangle")
+    good = tmp_path / "ok.png"
+    cv2.imwrite(str(good), random_rgb(8, 8))
+    rc = predict_cli.main(["--model_path", str(ckpt), "--image", str(good), "--query", "where is the red triangle",
+                           "--output_dir", str(tmp_path / "o"), "--device", "cpu", "--max_query_tokens", "2"])
+    assert rc == 1 and "--max_query_tokens" in caplog.text and "more than the limit of 2" in caplog.text
+
+
+def test_nonfinite_logits_warn_and_large_scene_hint(tokenizer, caplog):
+    logits = torch.zeros(8, 8)
+    logits[2, 3] = float("nan")
+    pred = Predictor.from_model(FakeModel(logits), tokenizer).predict(random_rgb(8, 8), "q")
+    assert "non-finite" in caplog.text and "1 non-finite mask logits" in caplog.text
+    assert pred.mask.shape == (8, 8)
+    caplog.clear()
+    Predictor.from_model(FakeModel(torch.ones(8, 8)), tokenizer).predict(random_rgb(40, 20), "q")
+    assert "--tile" in caplog.text and "5.0x" in caplog.text
+    caplog.clear()
+    Predictor.from_model(FakeModel(torch.ones(8, 8)), tokenizer).predict(random_rgb(32, 20), "q")
+    assert "--tile" not in caplog.text  # 4x is not more than 4x

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..errors import CheckpointKeyError, CheckpointNotFoundError, DatasetCorruptedError, DependencyNotFoundError
 from .geo import write_geojson, write_mask_geotiff
+from .predict_cli import add_model_arguments
 from .predictor import DEFAULT_MAX_NEW_TOKENS, TASKS, Predictor, check_device, default_task
 
 logger = logging.getLogger(__name__)
@@ -151,14 +152,9 @@ def build_parser(prog: str = "segearthr1 demo") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[2:]))
-    p.add_argument("--model_path", required=True, type=Path,
-                   help="our checkpoint directory or a reference release directory")
-    p.add_argument("--mask_config", type=Path, default=None, help="mask-config YAML of a reference release")
-    p.add_argument("--image_size", type=int, default=None, help="letterbox size override for reference releases")
+    add_model_arguments(p)
     p.add_argument("--task", choices=TASKS, default=None,
                    help="the task preselected on the page; default: from the checkpoint, else reasoning")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
     p.add_argument("--port", type=int, default=7860, help="port to listen on")

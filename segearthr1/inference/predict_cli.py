@@ -50,14 +50,21 @@ class Job:
     index: int  # k: the query's number for this image (0-based)
 
 
-def build_parser(prog: str = "segearthr1 predict") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[2:]))
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The checkpoint and device flags `predict` and `demo` share."""
     p.add_argument("--model_path", required=True, type=Path,
                    help="our checkpoint directory or a reference release directory")
     p.add_argument("--mask_config", type=Path, default=None, help="mask-config YAML of a reference release")
     p.add_argument("--image_size", type=int, default=None, help="letterbox size override for reference releases")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")
+
+
+def build_parser(prog: str = "segearthr1 predict") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.splitlines()[2:]))
+    add_model_arguments(p)
     images = p.add_mutually_exclusive_group()
     images.add_argument("--image", type=Path, nargs="+", help="one or more image files")
     images.add_argument("--image_dir", type=Path, help=f"a folder of images ({', '.join(IMAGE_SUFFIXES)})")
@@ -71,8 +78,6 @@ def build_parser(prog: str = "segearthr1 predict") -> argparse.ArgumentParser:
                    help="prompt template; default: from the checkpoint's resolved_config.yaml, else reasoning")
     p.add_argument("--output_dir", required=True, type=Path)
     p.add_argument("--batch_size", type=int, default=1)
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")
     p.add_argument("--bands", type=int, nargs="+", default=None,
                    help="1-based bands of multi-band rasters as R G B (or one band), e.g. --bands 4 3 2")
     p.add_argument("--simplify", type=float, default=None,

@@ -41,8 +41,9 @@ logger = logging.getLogger(__name__)
 
 SAMPLE_PIXELS = 1024 * 1024  # decimated read for the stretch limits and the overlay preview
 PREVIEW_MAX_SIDE = 2048
+PROB_ROWS = 64
 TILE_BATCH = 8  # tiles per model batch: the per-call overhead dominates small models on CPU
-GDAL_CACHE_BYTES = 256 * 2 ** 20  # GDAL's block cache during tiled runs (default: 5% of the RAM); in bytes
+GDAL_CACHE_BYTES = 64 * 2 ** 20  # GDAL's block cache during tiled runs (default: 5% of the RAM); in bytes
 
 
 @dataclass(frozen=True)
@@ -202,15 +203,14 @@ class _Accumulator:
         self.logits = np.zeros((rows, width), dtype=np.float32)
         self.nodata = np.zeros((rows, width), dtype=bool)
 
-    def shift(self, top: int, rows: int) -> None:
-        """Drop the rows above `top` (finalised) and make room for `rows` rows from `top`."""
-        keep = self.top + self.logits.shape[0] - top
-        logits = np.zeros((rows, self.logits.shape[1]), dtype=np.float32)
-        nodata = np.zeros((rows, self.logits.shape[1]), dtype=bool)
-        if keep > 0:
-            logits[:keep] = self.logits[-keep:]
-            nodata[:keep] = self.nodata[-keep:]
-        self.top, self.logits, self.nodata = top, logits, nodata
+    def shift(self, top: int) -> None:
+        """Drop the rows above `top` (finalised) and zero the rows below the ones kept, in place."""
+        keep = max(0, self.top + self.logits.shape[0] - top)
+        for buffer in (self.logits, self.nodata):
+            if keep:
+                buffer[:keep] = buffer[buffer.shape[0] - keep:].copy()
+            buffer[keep:] = 0
+        self.top = top
 
 
 class _Outputs:
@@ -236,7 +236,9 @@ class _Outputs:
         if not count:
             return
         self.area_px += count
-        self.prob_sum += float(torch.sigmoid(torch.from_numpy(logits[mask])).sum(dtype=torch.float64))
+        for r in range(0, mask.shape[0], PROB_ROWS):  # in row blocks: no full-width float copies
+            values = torch.from_numpy(logits[r:r + PROB_ROWS][mask[r:r + PROB_ROWS]])
+            self.prob_sum += float(torch.sigmoid(values.double()).sum())
         rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
         self.rows += [top + int(rows[0]), top + int(rows[-1]) + 1]
         self.cols += [int(cols[0]), int(cols[-1]) + 1]
@@ -291,7 +293,7 @@ def predict_tiled(predictor, image: str | Path, query: str, mask_path: str | Pat
             bar = tqdm(total=num_tiles, desc="tiles", unit="tile", disable=not progress, leave=False)
             for i, (top, rows, wy) in enumerate(rows_plan):
                 if i:
-                    acc.shift(top, rows)
+                    acc.shift(top)  # every row of tiles has the same height
                 tiles = [(left, cols, wx) for left, cols, wx in cols_plan]
                 for first in range(0, len(tiles), batch_size):
                     chunk = tiles[first:first + batch_size]
