@@ -179,3 +179,20 @@ def test_cli_tile_with_tiny_checkpoint(tmp_path, tokenizer, monkeypatch):
     assert len(fc["features"]) == rec["num_polygons"]
     assert (out / "scene__0_overlay.png").is_file() and not (out / "scene__0_mask.png").exists()
     assert set(rec["outputs"]) == {"mask_tif", "overlay_png", "record_json", "mask_geojson"}
+
+
+def test_tiled_png_is_read_through_gdal_windows(tmp_path, tokenizer):
+    import cv2
+
+    rgb = np.random.default_rng(5).integers(0, 256, size=(150, 190, 3), dtype=np.uint8)
+    png = tmp_path / "photo.png"
+    cv2.imwrite(str(png), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    predictor = Predictor.from_model(PixelModel(64), tokenizer, tile=True, overlap=8)
+    result = predict_tiled(predictor, png, QUERY, tmp_path / "photo_mask.tif", progress=False)
+    expected = (rgb[..., 0].astype(np.float32) - PIXEL_MEAN[0]) / PIXEL_STD[0] > 0
+    with rasterio.open(result.mask_path) as ds:
+        np.testing.assert_array_equal(ds.read(1) == 1, expected)
+        assert ds.crs is None and ds.nodata is None
+    assert not result.georeferenced and result.record["crs"] is None and result.record["area_method"] is None
+    burnt = rasterize([(p, 1) for p in result.polygons], out_shape=expected.shape, transform=Affine.identity())
+    np.testing.assert_array_equal(burnt == 1, expected)  # pixel-edge coordinates

@@ -294,13 +294,16 @@ def crs_member(info: GeoInfo) -> dict | None:
     return {"type": "name", "properties": {"name": name}}
 
 
+def _features(polygons: list, properties: dict | None):
+    shapely = _shapely()
+    for i, geom in enumerate(polygons):
+        yield {"type": "Feature", "id": i, "properties": {**(properties or {}), "area": float(geom.area)},
+               "geometry": shapely.geometry.mapping(geom)}
+
+
 def polygons_to_feature_collection(polygons: list, info: GeoInfo | None, properties: dict | None = None) -> dict:
     """FeatureCollection with one Feature per polygon (area in squared CRS units) and a "crs" member."""
-    shapely = _shapely()
-    features = [{"type": "Feature", "id": i,
-                 "properties": {**(properties or {}), "area": float(geom.area)},
-                 "geometry": shapely.geometry.mapping(geom)} for i, geom in enumerate(polygons)]
-    collection: dict = {"type": "FeatureCollection", "features": features}
+    collection: dict = {"type": "FeatureCollection", "features": list(_features(polygons, properties))}
     member = crs_member(info) if info is not None else None
     if member is not None:
         collection["crs"] = member
@@ -308,6 +311,16 @@ def polygons_to_feature_collection(polygons: list, info: GeoInfo | None, propert
 
 
 def write_geojson(path: str | Path, polygons: list, info: GeoInfo | None, properties: dict | None = None) -> Path:
+    """The FeatureCollection of `polygons_to_feature_collection`, written one feature at a time (a
+    whole-scene mask can have millions of vertices; their Python dicts are never all built at once)."""
     path = Path(path)
-    path.write_text(json.dumps(polygons_to_feature_collection(polygons, info, properties)), encoding="utf-8")
+    member = crs_member(info) if info is not None else None
+    with open(path, "w", encoding="utf-8") as f:
+        f.write('{"type": "FeatureCollection", ')
+        if member is not None:
+            f.write(f'"crs": {json.dumps(member)}, ')
+        f.write('"features": [')
+        for i, feature in enumerate(_features(polygons, properties)):
+            f.write((", " if i else "") + json.dumps(feature))
+        f.write("]}")
     return path

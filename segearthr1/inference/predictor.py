@@ -175,7 +175,8 @@ def _task_from_run_config(data: Any) -> str:
 class Prediction:
     """One (image, query) result at the image's original resolution.
 
-    mask: [H,W] bool (logits > threshold); probability: [H,W] float32 sigmoid of the logits;
+    mask: [H,W] bool (logits > threshold, nodata pixels never set); probability: [H,W] float32
+    sigmoid of the logits (None for tiled predictions, which never hold a whole-scene float map);
     polygons: shapely polygons of the mask (holes kept) in map coordinates when the image is
     georeferenced, else in pixel-edge coordinates (x = column, y = row); answer: generated text with
     `explain=True` (reasoning task), else None; geo: the input's georeferencing or None; record: the
@@ -183,12 +184,12 @@ class Prediction:
     """
 
     mask: np.ndarray
-    probability: np.ndarray
+    probability: np.ndarray | None
     polygons: list
     answer: str | None
     geo: GeoInfo | None
     record: dict
-    letterbox: LetterboxGeometry
+    letterbox: LetterboxGeometry | None  # None for tiled predictions (one letterbox per tile)
     image: np.ndarray | None = field(default=None, repr=False)  # the RGB input, for overlays
 
     def overlay(self, caption: str | None = None) -> np.ndarray:
