@@ -568,3 +568,48 @@ def test_nonfinite_logits_warn_and_large_scene_hint(tokenizer, caplog):
     caplog.clear()
     Predictor.from_model(FakeModel(torch.ones(8, 8)), tokenizer).predict(random_rgb(32, 20), "q")
     assert "--tile" not in caplog.text  # 4x is not more than 4x
+
+
+@pytest.mark.parametrize("crs, transform", [
+    (UTM, GEO_TRANSFORM),
+    (CRS.from_epsg(4326), Affine(2e-4, 0.0, 12.5, 0.0, -1.5e-4, 47.25)),
+])
+def test_outputs_agree_with_nodata(tmp_path, ckpt, model, tokenizer, quiet_cli, crs, transform):
+    """Mask GeoTIFF 1-pixels == rasterised GeoJSON polygons == the record's areas and bbox, nodata excluded."""
+    from pyproj import Geod
+    from rasterio.features import rasterize
+
+    tif = write_geotiff(tmp_path / "scene.tif", h=45, w=70, crs=crs, transform=transform, nodata=0)
+    out = tmp_path / "out"
+    assert predict_cli.main(["--model_path", str(ckpt), "--image", str(tif), "--query", QUERY, "--output_dir",
+                             str(out), "--device", "cpu"]) == 0
+    rgb = load_image(tif).rgb
+    predicted = (expected_logits(model, tokenizer, rgb, QUERY) > 0).numpy()
+    with rasterio.open(tif) as src:
+        nodata = (src.read() == 0).all(axis=0)
+    assert predicted[nodata].any()
+    with rasterio.open(out / "scene__0_mask.tif") as ds:
+        written = ds.read(1)
+        assert ds.crs == crs and ds.transform == transform and ds.nodata == 255
+    np.testing.assert_array_equal(written == 1, predicted & ~nodata)
+    np.testing.assert_array_equal(written == 255, nodata)
+    fc = json.loads((out / "scene__0_mask.geojson").read_text())
+    burnt = rasterize([(shape(f["geometry"]), 1) for f in fc["features"]], out_shape=written.shape,
+                      transform=transform)
+    np.testing.assert_array_equal(burnt == 1, written == 1)
+    np.testing.assert_array_equal(cv2.imread(str(out / "scene__0_mask.png"), 0) > 0, written == 1)
+    rec = json.loads((out / "scene__0.json").read_text())
+    ones = written == 1
+    ys, xs = np.nonzero(ones)
+    assert rec["mask_area_px"] == int(ones.sum()) and rec["num_polygons"] == len(fc["features"])
+    assert rec["bbox_px"] == [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+    if crs.is_projected:
+        assert rec["area_method"] == "planar" and rec["mask_area_m2"] == pytest.approx(ones.sum() * 2.5 * 3.0)
+    else:
+        geod = Geod(ellps="WGS84")
+        t = transform
+        per_row = [abs(geod.polygon_area_perimeter([t.c, t.c + t.a, t.c + t.a, t.c],
+                                                   [t.f + r * t.e, t.f + r * t.e, t.f + (r + 1) * t.e,
+                                                    t.f + (r + 1) * t.e])[0]) for r in range(written.shape[0])]
+        assert rec["area_method"] == "geodesic"
+        assert rec["mask_area_m2"] == pytest.approx(float(np.dot(ones.sum(axis=1), per_row)), rel=1e-7)

@@ -144,6 +144,8 @@ def test_tiled_geographic_area_and_prediction_api(tmp_path, tokenizer):
     assert pred.record["mask_area_m2"] == pytest.approx(reference["mask_area_m2"], rel=1e-9)
     with pytest.raises(ValueError, match="pass a path"):
         predictor.predict(np.zeros((8, 8, 3), dtype=np.uint8), QUERY)
+    with pytest.raises(ValueError, match="explain=True is not supported with tile=True"):
+        predictor.predict(tif, QUERY, explain=True)
 
 
 def test_single_tile_is_the_whole_image_prediction(tmp_path, tokenizer):

@@ -187,9 +187,13 @@ def main(argv: list[str] | None = None, prog: str = "segearthr1 demo") -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("the demo listens on %s: anyone who can reach this address can use it", args.host)
     logger.info("demo on http://%s:%d (Ctrl+C to stop)", args.host, args.port)
+    import gradio as gr
+
+    local_fonts = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                                    font_mono=["ui-monospace", "monospace"])  # no web fonts fetched
     page.queue(default_concurrency_limit=1).launch(
         server_name=args.host, server_port=args.port, share=False, max_file_size=f"{args.max_upload_mb}mb",
-        allowed_paths=[str(app.results_dir)], show_error=True, quiet=True)
+        allowed_paths=[str(app.results_dir)], show_error=True, quiet=True, theme=local_fonts)
     return 0
 
 

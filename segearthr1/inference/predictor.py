@@ -310,6 +310,9 @@ class Predictor:
         if explain and self.task != "reasoning":
             raise ValueError(f"explain=True needs the reasoning prompt (it has the answer slot), but task is "
                              f"{self.task!r}; use task='reasoning' or drop explain")
+        if explain and self.tile is not None:
+            raise ValueError("explain=True is not supported with tile=True: the answer is about the whole scene, "
+                             "which tiled inference never sees at once; use a Predictor without tile")
         texts = [self.checked_query(q, f"query {i}") for i, q in enumerate(queries)]
         if self.tile is not None:
             return [self._predict_tiled(image, text) for image, text in zip(images, texts)]
