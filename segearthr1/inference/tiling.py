@@ -294,20 +294,7 @@ def predict_tiled(predictor, image: str | Path, query: str, mask_path: str | Pat
             for i, (top, rows, wy) in enumerate(rows_plan):
                 if i:
                     acc.shift(top)  # every row of tiles has the same height
-                tiles = [(left, cols, wx) for left, cols, wx in cols_plan]
-                for first in range(0, len(tiles), batch_size):
-                    chunk = tiles[first:first + batch_size]
-                    read = [source.tile(top, left, rows, cols) for left, cols, _ in chunk]
-                    t0 = time.perf_counter()
-                    batch, _, geometries = predictor.encode([rgb for rgb, _ in read], [text] * len(read))
-                    logits = predictor.letterboxed_logits(batch, f"{image} tiles at row {top}")
-                    model_s += time.perf_counter() - t0
-                    for (left, cols, wx), (_, nodata), geometry, tile_logits in zip(chunk, read, geometries, logits):
-                        back = unletterbox_logits(tile_logits, geometry).numpy()
-                        acc.logits[:, left:left + cols] += back * wy[:, None] * wx[None, :]
-                        if nodata is not None:
-                            acc.nodata[:, left:left + cols] = nodata
-                    bar.update(len(chunk))
+                model_s += _predict_row(predictor, source, text, acc, top, rows, wy, cols_plan, batch_size, bar)
                 done = rows_plan[i + 1][0] if i + 1 < len(rows_plan) else top + rows
                 outputs.finalise(acc.logits[:done - top], acc.nodata[:done - top], top)
             bar.close()
@@ -317,8 +304,27 @@ def predict_tiled(predictor, image: str | Path, query: str, mask_path: str | Pat
         writer.close()
         preview_rgb = _preview(source, Path(mask_path), text) if preview else None
     return _result(predictor, image, text, spec, num_tiles, info, source.limits, outputs, Path(mask_path),
-                   preview_rgb,
-                   {"model_s": model_s, "total_s": time.perf_counter() - start})
+                   preview_rgb, {"model_s": model_s, "total_s": time.perf_counter() - start})
+
+
+def _predict_row(predictor, source: RasterTiles, text: str, acc: _Accumulator, top: int, rows: int,
+                 wy: np.ndarray, cols_plan: list, batch_size: int, bar) -> float:
+    """Add the weighted logits of one row of tiles to `acc`; returns the seconds spent in the model."""
+    model_s = 0.0
+    for first in range(0, len(cols_plan), batch_size):
+        chunk = cols_plan[first:first + batch_size]
+        read = [source.tile(top, left, rows, cols) for left, cols, _ in chunk]
+        start = time.perf_counter()
+        batch, _, geometries = predictor.encode([rgb for rgb, _ in read], [text] * len(read))
+        logits = predictor.letterboxed_logits(batch, f"{source.path} tiles at row {top}")
+        model_s += time.perf_counter() - start
+        for (left, cols, wx), (_, nodata), geometry, tile_logits in zip(chunk, read, geometries, logits):
+            back = unletterbox_logits(tile_logits, geometry).numpy()
+            acc.logits[:, left:left + cols] += back * wy[:, None] * wx[None, :]
+            if nodata is not None:
+                acc.nodata[:, left:left + cols] = nodata
+        bar.update(len(chunk))
+    return model_s
 
 
 def _result(predictor, image, text, spec, num_tiles, info: GeoInfo, limits, outputs: _Outputs, mask_path: Path,
