@@ -301,8 +301,11 @@ def test_cli_geotiff_reference_release(tmp_path, release, tokenizer):
                     "--device", "cpu", "--explain", "--max_new_tokens", "4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rgb = read_image_rgb(tif, bands=[3, 2, 1])  # the data pipeline's reading of the same file
-    expected = (expected_logits(ref, tokenizer, rgb, QUERY) > 0).numpy()
-    assert 0 < expected.sum() < expected.size
+    predicted = (expected_logits(ref, tokenizer, rgb, QUERY) > 0).numpy()
+    with rasterio.open(tif) as src:
+        nodata = (src.read() == 0).all(axis=0)
+    assert 0 < predicted.sum() < predicted.size and predicted[nodata].any()  # the nodata rule is exercised
+    expected = predicted & ~nodata  # nodata is never part of the answer, in any of the outputs
 
     png = cv2.imread(str(out / "scene__0_mask.png"), cv2.IMREAD_UNCHANGED)
     assert png.dtype == np.uint8 and set(np.unique(png)) <= {0, 255}
@@ -312,7 +315,6 @@ def test_cli_geotiff_reference_release(tmp_path, release, tokenizer):
         assert ds.crs == src.crs == UTM and ds.transform == src.transform == GEO_TRANSFORM
         assert (ds.height, ds.width) == (src.height, src.width) and ds.nodata == 255
         written = ds.read(1)
-        nodata = (src.read() == 0).all(axis=0)
     assert nodata.sum() == 24 and (written[nodata] == 255).all()
     np.testing.assert_array_equal(written[~nodata], expected[~nodata].astype(np.uint8))
 
@@ -340,6 +342,8 @@ def test_cli_geotiff_reference_release(tmp_path, release, tokenizer):
     assert rec["bbox_px"] == [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
     assert rec["bbox_map"] == pytest.approx(list(union.bounds))
     assert rec["nodata"] == 0 and rec["bands"] == [3, 2, 1] and "crs_note" not in rec
+    assert rec["area_method"] == "planar" and rec["nodata_px"] == 24
+    assert rec["mask_px_dropped_on_nodata"] == int(predicted[nodata].sum())
     assert isinstance(rec["answer"], str) and rec["answer_tokens"] >= 1
     assert {"read_s", "model_s", "explain_s", "postprocess_s", "write_s"} <= set(rec["timings_s"])
     assert rec["model"] == str(release_dir) and (out / "scene__0_overlay.png").is_file()
@@ -398,7 +402,16 @@ def test_geotiff_crs_variants(tmp_path, predictor):
                                transform=Affine(0.001, 0, 10.0, 0, -0.001, 50.0), nodata=None)
     pred = predictor.predict(geographic, QUERY)
     assert pred.geo is not None and pred.record["crs"] == "EPSG:4326"
-    assert pred.record["mask_area_m2"] is None and "not projected" in pred.record["crs_note"]
+    # geodesic: the sum over mask pixels of each pixel's own area on the WGS84 ellipsoid
+    from pyproj import Geod
+    geod = Geod(ellps="WGS84")
+    expected_m2 = sum(int(n) * abs(geod.polygon_area_perimeter([10.0, 10.001, 10.001, 10.0],
+                                                                 [50.0 - r * 1e-3, 50.0 - r * 1e-3,
+                                                                  50.0 - (r + 1) * 1e-3, 50.0 - (r + 1) * 1e-3])[0])
+                      for r, n in enumerate(pred.mask.sum(axis=1)))
+    assert pred.mask.sum() > 0 and pred.record["area_method"] == "geodesic" and "crs_note" not in pred.record
+    assert pred.record["mask_area_m2"] == pytest.approx(expected_m2, rel=1e-7)
+    assert 0.9 < pred.record["mask_area_m2"] / (pred.mask.sum() * 111.2e3 * 71.5e3 * 1e-6) < 1.1  # ~111 x 71.5 m px
     assert pred.record["mask_area_crs_units"] == pytest.approx(pred.mask.sum() * 1e-6)
     assert box(10.0, 50.0 - 0.016, 10.021, 50.0).buffer(1e-9).contains(unary_union(pred.polygons))
 
@@ -493,3 +506,110 @@ def test_console_entry_points(tmp_path):
         pytest.skip("the `segearthr1` console script is not installed (pip install -e .)")
     proc = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "predict" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# device, query length, non-finite logits, the --tile hint
+
+def test_cuda_request_without_cuda_is_one_line(tmp_path, ckpt, quiet_cli, caplog, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    good = tmp_path / "ok.png"
+    cv2.imwrite(str(good), random_rgb(8, 8))
+    rc = predict_cli.main(["--model_path", str(ckpt), "--image", str(good), "--query", "q", "--output_dir",
+                           str(tmp_path / "o"), "--device", "cuda"])
+    assert rc == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "no usable CUDA device" in errors[0] and "\n" not in errors[0]
+    with pytest.raises(ValueError, match="--device cpu"):
+        Predictor(ckpt, device="cuda:1")
+
+
+def test_query_token_limit(tmp_path, ckpt, predictor, tokenizer, quiet_cli, caplog):
+    limit = predictor.query_token_limit()
+    # prompt + visual tokens + a query of exactly `limit` tokens fill the tiny LLM's 512 positions
+    assert 0 < limit < 512
+    words = " ".join(["flood"] * 600)
+    ids = tokenizer.encode(" " + words, add_special_tokens=False)
+    fitting = tokenizer.decode(ids[:limit]).strip()
+    assert len(tokenizer.encode(" " + fitting, add_special_tokens=False)) <= limit
+    predictor.predict(random_rgb(16, 16), fitting)  # the longest query the model takes runs
+    # ... and the limit is exact: the merged LLM sequence of that query is 512 - (limit - its tokens) long
+    from segearthr1.modeling.input_merge import merge_multimodal_inputs
+    model = predictor.model
+    batch, _, _ = predictor.encode([random_rgb(16, 16)], [fitting])
+    visual = model.connector(model.encode_images(batch["images"])["res5"])
+    merged = merge_multimodal_inputs(batch["input_ids"], batch["attention_mask"], None, model.get_input_embeddings(),
+                                     visual, batch["token_refer_id"], token_answer_id=batch.get("token_answer_id"),
+                                     seg_token_id=model.config.seg_token_id,
+                                     keep_seg_token=model.config.keep_seg_token)
+    n_fitting = len(tokenizer.encode(" " + fitting, add_special_tokens=False))
+    assert merged.inputs_embeds.shape[1] == 512 - (limit - n_fitting)
+    with pytest.raises(ValueError, match=f"more than the limit of {limit}"):
+        predictor.predict(random_rgb(16, 16), words)
+    short = Predictor.from_model(predictor.model, tokenizer, max_query_tokens=3)
+    with pytest.raises(ValueError, match="limit of 3"):
+        short.predict(random_rgb(16, 16), "where is the large red triangle")
+    good = tmp_path / "ok.png"
+    cv2.imwrite(str(good), random_rgb(8, 8))
+    rc = predict_cli.main(["--model_path", str(ckpt), "--image", str(good), "--query", "where is the red triangle",
+                           "--output_dir", str(tmp_path / "o"), "--device", "cpu", "--max_query_tokens", "2"])
+    assert rc == 1 and "--max_query_tokens" in caplog.text and "more than the limit of 2" in caplog.text
+
+
+def test_nonfinite_logits_warn_and_large_scene_hint(tokenizer, caplog):
+    logits = torch.zeros(8, 8)
+    logits[2, 3] = float("nan")
+    pred = Predictor.from_model(FakeModel(logits), tokenizer).predict(random_rgb(8, 8), "q")
+    assert "non-finite" in caplog.text and "1 non-finite mask logits" in caplog.text
+    assert pred.mask.shape == (8, 8)
+    caplog.clear()
+    Predictor.from_model(FakeModel(torch.ones(8, 8)), tokenizer).predict(random_rgb(40, 20), "q")
+    assert "--tile" in caplog.text and "5.0x" in caplog.text
+    caplog.clear()
+    Predictor.from_model(FakeModel(torch.ones(8, 8)), tokenizer).predict(random_rgb(32, 20), "q")
+    assert "--tile" not in caplog.text  # 4x is not more than 4x
+
+
+@pytest.mark.parametrize("crs, transform", [
+    (UTM, GEO_TRANSFORM),
+    (CRS.from_epsg(4326), Affine(2e-4, 0.0, 12.5, 0.0, -1.5e-4, 47.25)),
+])
+def test_outputs_agree_with_nodata(tmp_path, ckpt, model, tokenizer, quiet_cli, crs, transform):
+    """Mask GeoTIFF 1-pixels == rasterised GeoJSON polygons == the record's areas and bbox, nodata excluded."""
+    from pyproj import Geod
+    from rasterio.features import rasterize
+
+    tif = write_geotiff(tmp_path / "scene.tif", h=45, w=70, crs=crs, transform=transform, nodata=0)
+    out = tmp_path / "out"
+    assert predict_cli.main(["--model_path", str(ckpt), "--image", str(tif), "--query", QUERY, "--output_dir",
+                             str(out), "--device", "cpu"]) == 0
+    rgb = load_image(tif).rgb
+    predicted = (expected_logits(model, tokenizer, rgb, QUERY) > 0).numpy()
+    with rasterio.open(tif) as src:
+        nodata = (src.read() == 0).all(axis=0)
+    assert predicted[nodata].any()
+    with rasterio.open(out / "scene__0_mask.tif") as ds:
+        written = ds.read(1)
+        assert ds.crs == crs and ds.transform == transform and ds.nodata == 255
+    np.testing.assert_array_equal(written == 1, predicted & ~nodata)
+    np.testing.assert_array_equal(written == 255, nodata)
+    fc = json.loads((out / "scene__0_mask.geojson").read_text())
+    burnt = rasterize([(shape(f["geometry"]), 1) for f in fc["features"]], out_shape=written.shape,
+                      transform=transform)
+    np.testing.assert_array_equal(burnt == 1, written == 1)
+    np.testing.assert_array_equal(cv2.imread(str(out / "scene__0_mask.png"), 0) > 0, written == 1)
+    rec = json.loads((out / "scene__0.json").read_text())
+    ones = written == 1
+    ys, xs = np.nonzero(ones)
+    assert rec["mask_area_px"] == int(ones.sum()) and rec["num_polygons"] == len(fc["features"])
+    assert rec["bbox_px"] == [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+    if crs.is_projected:
+        assert rec["area_method"] == "planar" and rec["mask_area_m2"] == pytest.approx(ones.sum() * 2.5 * 3.0)
+    else:
+        geod = Geod(ellps="WGS84")
+        t = transform
+        per_row = [abs(geod.polygon_area_perimeter([t.c, t.c + t.a, t.c + t.a, t.c],
+                                                   [t.f + r * t.e, t.f + r * t.e, t.f + (r + 1) * t.e,
+                                                    t.f + (r + 1) * t.e])[0]) for r in range(written.shape[0])]
+        assert rec["area_method"] == "geodesic"
+        assert rec["mask_area_m2"] == pytest.approx(float(np.dot(ones.sum(axis=1), per_row)), rel=1e-7)

@@ -55,8 +55,21 @@ def read_image_rgb(path, bands: list[int] | None = None) -> np.ndarray:
 
 
 def bands_to_rgb_uint8(chw: np.ndarray, bands: list[int] | None = None, nodata: float | None = None,
-                       name: str = "array") -> np.ndarray:
-    """[C, H, W] array of any numeric type -> HxWx3 uint8 by the band and stretch rules above."""
+                       name: str = "array", limits: list[tuple[float, float]] | None = None) -> np.ndarray:
+    """[C, H, W] array of any numeric type -> HxWx3 uint8 by the band and stretch rules above.
+
+    `limits`: per output channel (lo, hi) to stretch with instead of this array's own percentiles
+    (tiled inference stretches every tile of a scene with the scene's limits, see `stretch_limits`).
+    """
+    selected = select_rgb_bands(chw, bands, name)
+    if selected.dtype != np.uint8:
+        limits = limits or [None] * 3
+        selected = np.stack([_stretch_band(b, nodata, lim) for b, lim in zip(selected, limits)])
+    return np.ascontiguousarray(selected.transpose(1, 2, 0))
+
+
+def select_rgb_bands(chw: np.ndarray, bands: list[int] | None = None, name: str = "array") -> np.ndarray:
+    """The [3, H, W] bands shown as R, G, B (band rule of the module docstring), dtype unchanged."""
     if chw.ndim != 3 or chw.shape[0] < 1:
         raise DatasetCorruptedError(f"{name}: expected a [bands, H, W] raster, got shape {chw.shape}")
     count = chw.shape[0]
@@ -74,25 +87,35 @@ def bands_to_rgb_uint8(chw: np.ndarray, bands: list[int] | None = None, nodata: 
         selected = chw[:1]
     if selected.shape[0] == 1:
         selected = np.repeat(selected, 3, axis=0)
-    if selected.dtype != np.uint8:
-        selected = np.stack([_stretch_band(b, nodata) for b in selected])
-    return np.ascontiguousarray(selected.transpose(1, 2, 0))
+    return selected
 
 
-def _stretch_band(band: np.ndarray, nodata: float | None) -> np.ndarray:
+def stretch_limits(band: np.ndarray, nodata: float | None) -> tuple[float, float] | None:
+    """(lo, hi) of the stretch rule for one band; None when it has no valid pixels or is constant."""
+    x = band.astype(np.float64)
+    valid = np.isfinite(x)
+    if nodata is not None:
+        valid &= x != nodata
+    if not valid.any():
+        return None
+    values = x[valid]
+    lo, hi = np.percentile(values, STRETCH_PERCENTILES)
+    if hi <= lo:
+        lo, hi = values.min(), values.max()
+    return None if hi <= lo else (float(lo), float(hi))
+
+
+def _stretch_band(band: np.ndarray, nodata: float | None, limits: tuple[float, float] | None = None) -> np.ndarray:
     x = band.astype(np.float64)
     valid = np.isfinite(x)
     if nodata is not None:
         valid &= x != nodata
     out = np.zeros(x.shape, dtype=np.uint8)
-    if not valid.any():
+    if limits is None:
+        limits = stretch_limits(band, nodata)
+    if limits is None or limits[1] <= limits[0] or not valid.any():  # (lo, hi) with hi <= lo: all zero
         return out
-    values = x[valid]
-    lo, hi = np.percentile(values, STRETCH_PERCENTILES)
-    if hi <= lo:
-        lo, hi = values.min(), values.max()
-    if hi <= lo:
-        return out
+    lo, hi = limits
     scaled = np.clip((x[valid] - lo) / (hi - lo), 0.0, 1.0) * 255.0
     out[valid] = np.floor(scaled + 0.5).astype(np.uint8)
     return out

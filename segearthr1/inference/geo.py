@@ -7,8 +7,16 @@ Conventions (shared by `Predictor`, the CLI and the JSON records):
 * The mask GeoTIFF is uint8, 1 = mask, 0 = background; when the input raster has a nodata value,
   pixels where every band of the input is nodata are written as `MASK_NODATA` (255) and the file's
   nodata tag is set to it. Without a nodata value in the input, the mask has no nodata tag.
+* Nodata pixels are never part of the answer: the predictor drops them from the mask before the
+  areas, bounding boxes and polygons are computed, so the mask GeoTIFF's 1-pixels, the record and the
+  GeoJSON agree.
 * Polygons come from `rasterio.features.shapes` (4-connectivity, holes kept), so unsimplified they
   cover exactly the mask pixels; `simplify` (CRS units) uses shapely's topology-preserving simplify.
+* Areas in m²: projected CRSs multiply the pixel count by the pixel area and the linear unit factor²
+  ("planar"); geographic CRSs (e.g. EPSG:4326) take the geodesic area of the polygons on the CRS's
+  ellipsoid with pyproj, edges densified to one vertex per pixel so each edge follows its pixels
+  ("geodesic"). The record's `area_method` says which.
+* The mask GeoTIFF is cloud-optimised: 512² deflate-compressed tiles and internal overviews.
 """
 from __future__ import annotations
 
@@ -26,6 +34,8 @@ from ..errors import DatasetCorruptedError, DependencyNotFoundError
 logger = logging.getLogger(__name__)
 
 MASK_NODATA = 255
+COG_BLOCK = 512  # tile size of the mask GeoTIFFs (the COG driver's default)
+PLANAR, GEODESIC = "planar", "geodesic"
 _INSTALL_HINT = "pip install rasterio shapely (both are install requirements of segearthr1)"
 
 
@@ -82,8 +92,7 @@ class GeoInfo:
         return f"EPSG:{epsg}" if epsg is not None else self.crs.to_wkt()
 
     def metres_per_unit(self) -> float | None:
-        """Factor from CRS linear units to metres; None when not a projected CRS (areas in m² would need
-        a geodesic computation, which we do not attempt)."""
+        """Factor from CRS linear units to metres; None when not a projected CRS (see `area_m2`)."""
         if self.crs is None or not self.crs.is_projected:
             return None
         from rasterio.errors import CRSError
@@ -164,33 +173,116 @@ def mask_to_polygons(mask: np.ndarray, transform=None, simplify: float | None = 
     if not binary.any():
         return []
     transform = Affine.identity() if transform is None else transform
-    geoms = []
-    for geojson, _ in shapes(binary.astype(np.uint8), mask=binary, connectivity=4, transform=transform):
-        geom = shapely.geometry.shape(geojson)
-        if simplify:
-            geom = geom.simplify(simplify, preserve_topology=True)
-        if not geom.is_empty:
-            geoms.append(geom)
-    return geoms
+    geoms = [shapely.geometry.shape(geojson)
+             for geojson, _ in shapes(binary.astype(np.uint8), mask=binary, connectivity=4, transform=transform)]
+    return simplify_polygons(geoms, simplify)
+
+
+def simplify_polygons(polygons: list, tolerance: float | None) -> list:
+    """Topology-preserving simplification (None/0: unchanged); polygons that vanish are dropped."""
+    if not tolerance:
+        return list(polygons)
+    simplified = (geom.simplify(tolerance, preserve_topology=True) for geom in polygons)
+    return [geom for geom in simplified if not geom.is_empty]
+
+
+def geodesic_area_m2(polygons: list, info: GeoInfo) -> float:
+    """Area in m² of polygons in a geographic CRS, on that CRS's ellipsoid (pyproj.Geod).
+
+    Edges are densified to one vertex per pixel first: a long straight pixel edge is a parallel of
+    latitude, which a single geodesic segment between its end points would not follow.
+    """
+    shapely = _shapely()
+    try:
+        from pyproj import CRS as ProjCRS
+    except ImportError as err:
+        raise DependencyNotFoundError(f"geodesic areas need pyproj ({err}); pip install pyproj") from err
+    geod = ProjCRS.from_wkt(info.crs.to_wkt()).get_geod()
+    t = info.transform
+    step = min(v for v in (abs(t.a), abs(t.b), abs(t.d), abs(t.e)) if v > 0)
+    total = 0.0
+    for geom in polygons:
+        area, _ = geod.geometry_area_perimeter(shapely.segmentize(geom, step))
+        total += abs(area)
+    return total
+
+
+def area_fields(area_px: int, polygons: list, info: GeoInfo) -> dict:
+    """The record's area keys for a georeferenced mask: squared CRS units, m² and how m² was computed."""
+    fields: dict = {"pixel_area_crs_units": info.pixel_area, "mask_area_crs_units": area_px * info.pixel_area}
+    factor = info.metres_per_unit()
+    if factor is not None:
+        fields.update(mask_area_m2=area_px * info.pixel_area * factor ** 2, area_method=PLANAR)
+    elif info.crs is not None and info.crs.is_geographic:
+        fields.update(mask_area_m2=geodesic_area_m2(polygons, info), area_method=GEODESIC)
+    else:
+        fields.update(mask_area_m2=None, area_method=None)
+        fields["crs_note"] = ("image has a geotransform but no CRS; map coordinates are in an unnamed CRS and "
+                              "the area in m² is not computed") if info.crs is None else (
+            f"CRS {info.crs_string} is neither projected nor geographic; the area in m² is not computed "
+            f"(reproject to a projected CRS, e.g. UTM, for metric areas)")
+    return fields
+
+
+class MaskWriter:
+    """Writes a uint8 mask (1/0, 255 on nodata) window by window, finishing as a cloud-optimised GeoTIFF.
+
+    Windows go into a tiled, deflate-compressed GTiff beside the target; `close()` copies it with
+    GDAL's COG driver (internal overviews, nearest resampling so overviews stay 0/1/255) and removes
+    it. Neither step holds the whole mask in memory, so scenes of any size can be written.
+    """
+
+    def __init__(self, path: str | Path, info: GeoInfo):
+        rasterio = _rasterio()
+        self.path = Path(path)
+        self.info = info
+        self.nodata = MASK_NODATA if info.nodata is not None else None
+        self._partial = self.path.with_name(self.path.name + ".partial.tif")
+        profile = dict(driver="GTiff", height=info.height, width=info.width, count=1, dtype="uint8",
+                       crs=info.crs, transform=info.transform, nodata=self.nodata, compress="deflate",
+                       tiled=True, blockxsize=COG_BLOCK, blockysize=COG_BLOCK, BIGTIFF="IF_SAFER")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            self._dst = rasterio.open(self._partial, "w", **profile)
+
+    def write(self, mask: np.ndarray, row_off: int, col_off: int, nodata_mask: np.ndarray | None = None) -> None:
+        """Write the [h,w] bool `mask` at (row_off, col_off); `nodata_mask` pixels become 255."""
+        from rasterio.windows import Window
+
+        data = mask.astype(np.uint8)
+        if nodata_mask is not None and self.nodata is not None:
+            data[nodata_mask] = MASK_NODATA
+        self._dst.write(data, 1, window=Window(col_off, row_off, data.shape[1], data.shape[0]))
+
+    def close(self) -> Path:
+        import rasterio.shutil
+
+        self._dst.close()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", _rasterio().errors.NotGeoreferencedWarning)
+                rasterio.shutil.copy(self._partial, self.path, driver="COG", compress="DEFLATE",
+                                     blocksize=COG_BLOCK, overview_resampling="NEAREST", BIGTIFF="IF_SAFER")
+        finally:
+            self._partial.unlink(missing_ok=True)
+        return self.path
+
+    def abort(self) -> None:
+        self._dst.close()
+        self._partial.unlink(missing_ok=True)
 
 
 def write_mask_geotiff(path: str | Path, mask: np.ndarray, info: GeoInfo) -> Path:
-    """uint8 GeoTIFF of `mask` (1/0) with the input's CRS, transform and (as 255) nodata."""
-    rasterio = _rasterio()
+    """Cloud-optimised uint8 GeoTIFF of `mask` (1/0) with the input's CRS, transform and (as 255) nodata."""
     if mask.shape != (info.height, info.width):
         raise ValueError(f"mask shape {mask.shape} does not match the raster's {(info.height, info.width)}")
-    data = mask.astype(np.uint8)
-    nodata = None
-    if info.nodata is not None:
-        nodata = MASK_NODATA
-        if info.nodata_mask is not None:
-            data[info.nodata_mask] = MASK_NODATA
-    profile = dict(driver="GTiff", height=info.height, width=info.width, count=1, dtype="uint8",
-                   crs=info.crs, transform=info.transform, nodata=nodata, compress="deflate")
-    path = Path(path)
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(data, 1)
-    return path
+    writer = MaskWriter(path, info)
+    try:
+        writer.write(mask, 0, 0, info.nodata_mask)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
 
 
 def crs_member(info: GeoInfo) -> dict | None:
@@ -202,13 +294,16 @@ def crs_member(info: GeoInfo) -> dict | None:
     return {"type": "name", "properties": {"name": name}}
 
 
+def _features(polygons: list, properties: dict | None):
+    shapely = _shapely()
+    for i, geom in enumerate(polygons):
+        yield {"type": "Feature", "id": i, "properties": {**(properties or {}), "area": float(geom.area)},
+               "geometry": shapely.geometry.mapping(geom)}
+
+
 def polygons_to_feature_collection(polygons: list, info: GeoInfo | None, properties: dict | None = None) -> dict:
     """FeatureCollection with one Feature per polygon (area in squared CRS units) and a "crs" member."""
-    shapely = _shapely()
-    features = [{"type": "Feature", "id": i,
-                 "properties": {**(properties or {}), "area": float(geom.area)},
-                 "geometry": shapely.geometry.mapping(geom)} for i, geom in enumerate(polygons)]
-    collection: dict = {"type": "FeatureCollection", "features": features}
+    collection: dict = {"type": "FeatureCollection", "features": list(_features(polygons, properties))}
     member = crs_member(info) if info is not None else None
     if member is not None:
         collection["crs"] = member
@@ -216,6 +311,16 @@ def polygons_to_feature_collection(polygons: list, info: GeoInfo | None, propert
 
 
 def write_geojson(path: str | Path, polygons: list, info: GeoInfo | None, properties: dict | None = None) -> Path:
+    """The FeatureCollection of `polygons_to_feature_collection`, written one feature at a time (a
+    whole-scene mask can have millions of vertices; their Python dicts are never all built at once)."""
     path = Path(path)
-    path.write_text(json.dumps(polygons_to_feature_collection(polygons, info, properties)), encoding="utf-8")
+    member = crs_member(info) if info is not None else None
+    with open(path, "w", encoding="utf-8") as f:
+        f.write('{"type": "FeatureCollection", ')
+        if member is not None:
+            f.write(f'"crs": {json.dumps(member)}, ')
+        f.write('"features": [')
+        for i, feature in enumerate(_features(polygons, properties)):
+            f.write((", " if i else "") + json.dumps(feature))
+        f.write("]}")
     return path

@@ -10,6 +10,11 @@ Per (image, query k) it writes `<stem>__<k>_mask.png` (0/255), `<stem>__<k>_over
 `<stem>__<k>.json`; for georeferenced rasters also `<stem>__<k>_mask.tif` (uint8 1/0, the input's
 CRS/transform; 255 = nodata where the input is nodata) and `<stem>__<k>_mask.geojson` (polygons in the
 image CRS). All records are also collected in `predictions.jsonl`.
+
+With --tile (scenes larger than the model's input) the raster is read and predicted tile by tile:
+`<stem>__<k>_mask.tif` (cloud-optimised, for every input), `_mask.geojson` (georeferenced inputs),
+`_overlay.png` (a preview at most 2048 px on its longer side) and the `.json` record; no full-size
+mask PNG, which would need the whole mask in memory.
 """
 from __future__ import annotations
 
@@ -27,7 +32,9 @@ import numpy as np
 from ..errors import CheckpointKeyError, CheckpointNotFoundError, DatasetCorruptedError, DependencyNotFoundError
 from ..visualization import save_rgb_png
 from .geo import write_geojson, write_mask_geotiff
-from .predictor import DEFAULT_MAX_NEW_TOKENS, TASKS, LoadedImage, check_query, default_task, load_image
+from .tiling import TILE_BATCH
+from .predictor import (DEFAULT_MAX_NEW_TOKENS, TASKS, LoadedImage, check_device, check_query, default_task,
+                        load_image)
 
 logger = logging.getLogger(__name__)
 
@@ -43,14 +50,21 @@ class Job:
     index: int  # k: the query's number for this image (0-based)
 
 
-def build_parser(prog: str = "segearthr1 predict") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[2:]))
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The checkpoint and device flags `predict` and `demo` share."""
     p.add_argument("--model_path", required=True, type=Path,
                    help="our checkpoint directory or a reference release directory")
     p.add_argument("--mask_config", type=Path, default=None, help="mask-config YAML of a reference release")
     p.add_argument("--image_size", type=int, default=None, help="letterbox size override for reference releases")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")
+
+
+def build_parser(prog: str = "segearthr1 predict") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.splitlines()[2:]))
+    add_model_arguments(p)
     images = p.add_mutually_exclusive_group()
     images.add_argument("--image", type=Path, nargs="+", help="one or more image files")
     images.add_argument("--image_dir", type=Path, help=f"a folder of images ({', '.join(IMAGE_SUFFIXES)})")
@@ -64,8 +78,6 @@ def build_parser(prog: str = "segearthr1 predict") -> argparse.ArgumentParser:
                    help="prompt template; default: from the checkpoint's resolved_config.yaml, else reasoning")
     p.add_argument("--output_dir", required=True, type=Path)
     p.add_argument("--batch_size", type=int, default=1)
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")
     p.add_argument("--bands", type=int, nargs="+", default=None,
                    help="1-based bands of multi-band rasters as R G B (or one band), e.g. --bands 4 3 2")
     p.add_argument("--simplify", type=float, default=None,
@@ -74,6 +86,19 @@ def build_parser(prog: str = "segearthr1 predict") -> argparse.ArgumentParser:
     p.add_argument("--explain", action="store_true", help="also generate the textual answer (reasoning task)")
     p.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
                    help="answer length limit for --explain")
+    p.add_argument("--max_query_tokens", type=int, default=None,
+                   help="reject queries longer than this many tokens (default and upper bound: what fits in the "
+                        "model's context next to the prompt and the visual tokens)")
+    tiles = p.add_argument_group("tiled inference (large scenes)")
+    tiles.add_argument("--tile", action="store_true",
+                       help="predict large scenes tile by tile at full resolution with bounded memory, instead of "
+                            "letterboxing the whole scene to the model's input size")
+    tiles.add_argument("--tile_size", type=int, default=None,
+                       help="tile size in source pixels (default: the model's input size, 1024 for released models)")
+    tiles.add_argument("--overlap", type=int, default=None,
+                       help="overlap between neighbouring tiles in source pixels, blended with feathered weights "
+                            "(default: tile_size / 8)")
+    tiles.add_argument("--tile_batch", type=int, default=TILE_BATCH, help="tiles per model batch with --tile")
     return p
 
 
@@ -203,11 +228,56 @@ def write_outputs(prediction, out_dir: Path, base: str) -> dict[str, str]:
         paths["mask_tif"] = write_mask_geotiff(out_dir / f"{base}_mask.tif", prediction.mask, prediction.geo)
         paths["mask_geojson"] = write_geojson(out_dir / f"{base}_mask.geojson", prediction.polygons, prediction.geo,
                                               {"query": prediction.record["query"]})
-    record = prediction.record
+    return _write_record(prediction.record, paths, start)
+
+
+def write_tiled_outputs(result, out_dir: Path, base: str) -> dict[str, str]:
+    """Files of one tiled prediction (its mask GeoTIFF is already written); returns {kind: path}."""
+    start = time.perf_counter()
+    paths = {"mask_tif": result.mask_path, "overlay_png": out_dir / f"{base}_overlay.png",
+             "record_json": out_dir / f"{base}.json"}
+    if result.preview is not None:
+        save_rgb_png(paths["overlay_png"], result.preview)
+    if result.georeferenced:
+        paths["mask_geojson"] = write_geojson(out_dir / f"{base}_mask.geojson", result.polygons, result.info,
+                                              {"query": result.record["query"]})
+    return _write_record(result.record, paths, start)
+
+
+def _write_record(record: dict, paths: dict, start: float) -> dict[str, str]:
+    """Add the output paths and the write time to `record` and write it as JSON."""
     record["outputs"] = {k: str(v) for k, v in paths.items()}
     record["timings_s"]["write_s"] = round(time.perf_counter() - start, 6)
     paths["record_json"].write_text(json.dumps(record, indent=2), encoding="utf-8")
     return record["outputs"]
+
+
+def run_tiled(args: argparse.Namespace, predictor, jobs: list[Job], stems: dict[Path, str], summary) -> None:
+    """--tile: one (image, query) pair at a time, each over its tiles."""
+    from tqdm import tqdm
+
+    from .tiling import predict_tiled
+
+    for job in tqdm(jobs, desc="predict", unit="pair"):
+        base = f"{stems[job.image.resolve()]}__{job.index}"
+        result = predict_tiled(predictor, job.image, job.query, args.output_dir / f"{base}_mask.tif",
+                               batch_size=args.tile_batch)
+        write_tiled_outputs(result, args.output_dir, base)
+        summary.write(json.dumps(result.record) + "\n")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Option errors that need no file or model, so they fail at once."""
+    for name in ("batch_size", "max_new_tokens", "tile_batch", "max_query_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name}={value} must be >= 1")
+    if args.explain and args.tile:
+        raise ValueError("--explain with --tile is not supported: the answer is about the whole scene, which "
+                         "tiled inference never sees at once; run --explain without --tile")
+    if not args.tile and (args.tile_size is not None or args.overlap is not None):
+        raise ValueError("--tile_size/--overlap only apply with --tile; add --tile")
+    check_device(args.device)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -215,10 +285,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .predictor import Predictor
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch_size={args.batch_size} must be >= 1")
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max_new_tokens={args.max_new_tokens} must be >= 1")
+    check_args(args)
     jobs = build_jobs(args)
     task = args.task or default_task(args.model_path)
     if args.explain and task != "reasoning":
@@ -230,7 +297,15 @@ def run(args: argparse.Namespace) -> int:
 
     predictor = Predictor(args.model_path, mask_config=args.mask_config, device=args.device, dtype=args.dtype,
                           task=task, image_size=args.image_size, bands=args.bands, threshold=args.threshold,
-                          simplify=args.simplify)
+                          simplify=args.simplify, max_query_tokens=args.max_query_tokens, tile=args.tile,
+                          tile_size=args.tile_size, overlap=args.overlap)
+    for job in jobs:  # every query's length, before any image is run
+        predictor.check_query_length(job.query, f"query for {job.image}")
+    if args.tile:
+        with open(args.output_dir / "predictions.jsonl", "w", encoding="utf-8") as summary:
+            run_tiled(args, predictor, jobs, stems, summary)
+        logger.info("wrote %d tiled predictions to %s", len(jobs), args.output_dir)
+        return 0
     cache: dict[Path, LoadedImage] = {}
     with open(args.output_dir / "predictions.jsonl", "w", encoding="utf-8") as summary, \
             tqdm(total=len(jobs), desc="predict", unit="pair") as progress:
