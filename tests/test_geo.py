@@ -11,7 +11,7 @@ from rasterio.crs import CRS
 from shapely.geometry import box, shape
 from shapely.ops import unary_union
 
-from segearthr1.inference.geo import (MASK_NODATA, GeoInfo, bbox_to_map, mask_bbox_pixels, mask_to_polygons,
+from segearthr1.inference.geo import (MASK_NODATA, GeoInfo, area_fields, bbox_to_map, mask_bbox_pixels, mask_to_polygons,
                                       polygons_to_feature_collection, read_raster, write_geojson, write_mask_geotiff)
 
 UTM = CRS.from_epsg(32633)
@@ -112,4 +112,17 @@ def test_geojson_names_the_crs(tmp_path):
 def test_geographic_crs_has_no_metric_factor():
     info = GeoInfo(crs=CRS.from_epsg(4326), transform=Affine(0.001, 0, 10, 0, -0.001, 50), width=4, height=4)
     assert info.is_georeferenced and info.metres_per_unit() is None
+    # ... its areas are geodesic, in the record and per GeoJSON feature, and they add up
+    mask = np.zeros((4, 4), dtype=bool)
+    mask[:2, :3] = True
+    mask[3, 3] = True
+    polys = mask_to_polygons(mask, info.transform)
+    fields = area_fields(int(mask.sum()), polys, info)
+    assert fields["area_method"] == "geodesic" and 7.9e3 < fields["mask_area_m2"] / 7 < 8.1e3  # ~111 m x 71.7 m px
+    features = polygons_to_feature_collection(polys, info)["features"]
+    assert sum(f["properties"]["area_m2"] for f in features) == pytest.approx(fields["mask_area_m2"], rel=1e-9)
+    projected = GeoInfo(crs=UTM, transform=TRANSFORM, width=4, height=4)
+    assert area_fields(7, mask_to_polygons(mask, TRANSFORM), projected)["mask_area_m2"] == 700.0
+    assert polygons_to_feature_collection(mask_to_polygons(mask, TRANSFORM), projected)["features"][0][
+        "properties"]["area_m2"] == 600.0
     assert not GeoInfo(crs=None, transform=Affine.identity(), width=4, height=4).is_georeferenced

@@ -294,16 +294,23 @@ def crs_member(info: GeoInfo) -> dict | None:
     return {"type": "name", "properties": {"name": name}}
 
 
-def _features(polygons: list, properties: dict | None):
+def _features(polygons: list, properties: dict | None, info: GeoInfo | None):
     shapely = _shapely()
+    factor = None if info is None else info.metres_per_unit()
+    geographic = info is not None and info.crs is not None and info.crs.is_geographic
     for i, geom in enumerate(polygons):
-        yield {"type": "Feature", "id": i, "properties": {**(properties or {}), "area": float(geom.area)},
-               "geometry": shapely.geometry.mapping(geom)}
+        props = {**(properties or {}), "area": float(geom.area)}
+        if factor is not None:
+            props["area_m2"] = float(geom.area) * factor ** 2
+        elif geographic:
+            props["area_m2"] = geodesic_area_m2([geom], info)
+        yield {"type": "Feature", "id": i, "properties": props, "geometry": shapely.geometry.mapping(geom)}
 
 
 def polygons_to_feature_collection(polygons: list, info: GeoInfo | None, properties: dict | None = None) -> dict:
-    """FeatureCollection with one Feature per polygon (area in squared CRS units) and a "crs" member."""
-    collection: dict = {"type": "FeatureCollection", "features": list(_features(polygons, properties))}
+    """FeatureCollection with one Feature per polygon and a "crs" member. Properties: `area` in squared
+    CRS units and, for projected and geographic CRSs, `area_m2` (planar / geodesic as in `area_fields`)."""
+    collection: dict = {"type": "FeatureCollection", "features": list(_features(polygons, properties, info))}
     member = crs_member(info) if info is not None else None
     if member is not None:
         collection["crs"] = member
@@ -320,7 +327,7 @@ def write_geojson(path: str | Path, polygons: list, info: GeoInfo | None, proper
         if member is not None:
             f.write(f'"crs": {json.dumps(member)}, ')
         f.write('"features": [')
-        for i, feature in enumerate(_features(polygons, properties)):
+        for i, feature in enumerate(_features(polygons, properties, info)):
             f.write((", " if i else "") + json.dumps(feature))
         f.write("]}")
     return path
