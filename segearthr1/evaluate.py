@@ -118,8 +118,8 @@ from .data.base import SAMPLING_MODES, SPLITS
 from .data.collate import DataCollator
 from .data.registry import DATASETS, build_dataset, default_data_root
 from .data.transforms import PIXEL_MEAN, PIXEL_STD
-from .errors import (CheckpointKeyError, CheckpointNotFoundError, DatasetCorruptedError, DatasetNotFoundError,
-                     DependencyNotFoundError)
+from .errors import (CheckpointCorruptedError, CheckpointKeyError, CheckpointNotFoundError, DatasetCorruptedError,
+                     DatasetNotFoundError, DependencyNotFoundError)
 from .data.transforms import unletterbox_logits
 from .evaluation.bootstrap import DEFAULT_RESAMPLES
 from .evaluation.breakdown import blocks_from_rows
@@ -622,6 +622,7 @@ def _log_ignored_flags(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> EvalResult:
     """The CLI workflow without logging set-up: load, evaluate (sharded), write files on rank 0."""
     from . import __version__
+    from .data.base import text_token_budget
     from .pretrained import MODEL_DIR_LAYOUT, load_pretrained, load_tokenizer
 
     ctx = distributed.init_distributed(args.device)
@@ -643,6 +644,8 @@ def run(args: argparse.Namespace) -> EvalResult:
                                            dtype=args.dtype, image_size=args.image_size)
         if model.config.image_size != image_size:
             raise ValueError(f"model input size {model.config.image_size} != dataset letterbox size {image_size}")
+        # questions longer than the LLM's positions allow are truncated with a warning naming the sample
+        dataset.max_text_tokens = text_token_budget(model)
         out_dir = Path(args.output_dir) if args.output_dir else Path("outputs") / "eval" / (
             f"{args.dataset_type}_{args.data_split}")
         pred_dir = out_dir / "predictions" if args.save_predictions else None
@@ -724,8 +727,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(getattr(logging, args.log_level))
     try:
         run(args)
-    except (CheckpointNotFoundError, CheckpointKeyError, DatasetNotFoundError, DatasetCorruptedError,
-            DependencyNotFoundError) as err:
+    except (CheckpointNotFoundError, CheckpointKeyError, CheckpointCorruptedError, DatasetNotFoundError,
+            DatasetCorruptedError, DependencyNotFoundError) as err:
         # a user-facing problem (paths, files, installs): the message says how to fix it; no traceback
         logger.error("%s: %s", type(err).__name__, err)
         return 1

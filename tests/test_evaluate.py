@@ -232,3 +232,31 @@ def test_clear_errors(data_root, checkpoint, tmp_path, capsys):
     with pytest.raises(ValueError, match="only for reference releases"):
         ev.run(ev.parse_args(["--model_path", str(checkpoint), "--data_path", str(data_root), "--image_size", "128",
                               *base]))
+
+
+def test_truncated_weights_and_long_questions(data_root, checkpoint, tmp_path, capfd):
+    """A truncated model.safetensors is a one-line error naming the file (exit 1); a question longer than
+    the LLM's positions is truncated with a warning naming the sample, and evaluation goes on."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    base = ["--dataset_type", "EarthReason", "--data_path", str(data_root), "--data_split", "val", "--device", "cpu",
+            "--num_workers", "0", "--batch_size", "2"]
+    assert ev.main(["--model_path", str(broken), "--output_dir", str(tmp_path / "out1"), *base]) == 1
+    err = capfd.readouterr().err
+    assert "CheckpointCorruptedError" in err and "model.safetensors is truncated" in err and "Traceback" not in err
+
+    long_data = tmp_path / "longdata"
+    shutil.copytree(data_root, long_data)
+    qa_dir = long_data / "rs_reason_seg" / "RSReasonSeg" / "val" / "QAs"
+    qa_file = sorted(qa_dir.glob("*.json"))[0]
+    qa = json.loads(qa_file.read_text())
+    qa["questions"] = ["where is the red square " * 300]
+    qa_file.write_text(json.dumps(qa))
+    base[base.index("--data_path") + 1] = str(long_data)
+    assert ev.main(["--model_path", str(checkpoint), "--output_dir", str(tmp_path / "out2"), *base]) == 0
+    warnings = [line for line in capfd.readouterr().err.splitlines() if "WARNING" in line and qa_file.stem in line]
+    assert any("truncat" in line for line in warnings), warnings

@@ -29,7 +29,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..errors import CheckpointKeyError, CheckpointNotFoundError, DatasetCorruptedError, DependencyNotFoundError
+from ..errors import (CheckpointCorruptedError, CheckpointKeyError, CheckpointNotFoundError, DatasetCorruptedError,
+                      DependencyNotFoundError)
 from ..visualization import save_rgb_png
 from .geo import write_geojson, write_mask_geotiff
 from .tiling import TILE_BATCH
@@ -40,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 USER_ERRORS = (ValueError, FileNotFoundError, DatasetCorruptedError, CheckpointNotFoundError, CheckpointKeyError,
-               DependencyNotFoundError)
+               CheckpointCorruptedError, DependencyNotFoundError)
 
 
 @dataclass
