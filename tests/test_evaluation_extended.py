@@ -30,7 +30,7 @@ RESAMPLES = 200
 def run_dir(tmp_path_factory):
     """One CLI evaluation (every question, original resolution, report) on generated EarthReason data."""
     root = tmp_path_factory.mktemp("xdata")
-    generate(root, datasets=("EarthReason",), n_train=1, n_val=4, n_test=1, seed=11, min_size=40, max_size=90,
+    generate(root, datasets=("EarthReason",), n_train=1, n_val=4, n_test=1, seed=13, min_size=40, max_size=90,
              absent_fraction=0.4)
     ckpt = tmp_path_factory.mktemp("xckpt") / "tiny"
     save_pretrained(tiny_model(seed=3).eval(), trained_tokenizer(), ckpt)

@@ -225,5 +225,5 @@ def test_full_disk_during_the_second_save_is_reported_and_keeps_the_first(base, 
     assert code == 1
     assert "disk full while saving checkpoint to" in log and "MiB free" in log, log[-3000:]
     assert f"the newest complete checkpoint {run / 'checkpoint-2'} is intact" in log
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-2", "resolved_config.yaml"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-2", "resolved_config.yaml", "training_curves.png"]
     validate_checkpoint(run / "checkpoint-2")
