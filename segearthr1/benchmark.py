@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.steps < 1 or args.batch_size < 1 or args.warmup < 0:
         raise SystemExit("benchmark: --steps and --batch_size must be >= 1 and --warmup >= 0")
     result = run(args)
-    print(format_table(result))
+    sys.stdout.write(format_table(result) + "\n")
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(result, indent=2))

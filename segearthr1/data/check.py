@@ -86,12 +86,12 @@ def main(argv: list[str] | None = None, prog: str = "segearthr1 check-data") -> 
     root = Path(args.data_path) if args.data_path else default_data_root()
     problems, warnings, checked = check_dataset(args.dataset_type, root, args.split)
     for line in warnings:
-        print(f"warning: {line}")
+        sys.stdout.write(f"warning: {line}\n")
     for line in problems:
-        print(f"problem: {line}")
+        sys.stdout.write(f"problem: {line}\n")
     status = f"{checked} samples of {args.dataset_type} under {root} checked: {len(problems)} problem(s), " \
              f"{len(warnings)} warning(s)"
-    print(status if problems else status + "; the dataset is usable")
+    sys.stdout.write((status if problems else status + "; the dataset is usable") + "\n")
     return 1 if problems else 0
 
 

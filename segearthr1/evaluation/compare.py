@@ -218,8 +218,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     except (FileNotFoundError, ValueError, DatasetCorruptedError) as err:
         logger.error("%s", err)
         return 1
-    print(format_table(result["comparisons"], markdown=args.markdown))
-    print(f"\n{result['num_samples']} paired samples; * = the 95% CI of the difference excludes 0")
+    sys.stdout.write(format_table(result["comparisons"], markdown=args.markdown) + "\n")
+    sys.stdout.write(f"\n{result['num_samples']} paired samples; * = the 95% CI of the difference excludes 0\n")
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

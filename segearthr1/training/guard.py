@@ -21,13 +21,13 @@ logger = logging.getLogger(__name__)
 POLICIES = ("error", "skip")
 
 
-def any_process(flag: bool, device: torch.device) -> bool:
-    """True on every process if `flag` is True on any (one tiny all-reduce; local value without a group)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
+def any_process(flag: torch.Tensor) -> bool:
+    """True on every process if the 0/1 tensor `flag` is set on any: one tiny all-reduce and one host sync
+    per call (this runs every training step)."""
+    flag = flag.float().reshape(1)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item() > 0)
 
 
 def _fmt(value: float) -> str:
@@ -50,8 +50,8 @@ class NonFiniteGuard:
         self.last_good = last_good
 
     def check(self, step: int, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> bool:
-        local_bad = count_nonfinite(loss.detach()) > 0 or any(count_nonfinite(v) for v in parts.values())
-        if not any_process(local_bad, loss.device):
+        scalars = torch.stack([loss.detach().float().reshape(()), *(v.float().reshape(()) for v in parts.values())])
+        if not any_process(~torch.isfinite(scalars).all()):
             return False
         values = {"loss": float(loss.detach().float())} | {k: float(v.float()) for k, v in parts.items()}
         per_rank = all_gather_objects(values)
