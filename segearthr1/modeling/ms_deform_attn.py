@@ -63,18 +63,18 @@ def ms_deform_attn_core_pytorch(
     out_dtype = value.dtype
     # Sampling runs in float32 whatever the model dtype, on contiguous per-level maps. Why:
     # * on CPU, bf16/fp16 `grid_sample` on a non-contiguous input (the per-level value views below are)
-    #   returns garbage (~1e30), and even on contiguous input it is slower than fp32 (no vectorised
-    #   low-precision kernel; measured at full size, 1024², 2 threads: bf16 1.9 s vs fp32 1.2 s per
-    #   6-layer encoder);
+    #   returns garbage (~1e30), and on contiguous input it was still slower than fp32 (no vectorised
+    #   low-precision kernel; one measurement on a loaded 2-core machine, full size 1024²: 1.9 vs 1.2 s);
     # * bf16 has 8 mantissa bits: a location in [0, 1] is only resolved to 1/256, i.e. half a pixel of
     #   the finest (128²) level; fp32 locations keep the sub-pixel accuracy the reference has.
-    # The contiguous copy is needed anyway (grid_sample is ~1.5x faster on NCHW-contiguous input).
+    # In fp32, contiguous vs strided input measured within ±10 % of each other on a quiet machine.
     value_list = value.float().split([h * w for h, w in shapes], dim=1)
     sampling_grids = 2 * sampling_locations.float() - 1
     # Points on the output's row axis and queries on its column axis ([B*M, D, P, Q]) and the weighted sum
     # per level: the reference stacks every level's samples into one [B*M, D, Q, L*P] tensor first (a
-    # 264 MB copy per layer at 1024²). Measured on 2 CPU threads at 512², forward + backward of the core:
-    # 0.87 s vs 1.28 s for the stacked form (a per-point fused multiply-add accumulator was slower, 1.7 s).
+    # 264 MB copy per layer at 1024²). Quiet machine, 2 threads, one layer's core: forward 0.51 vs 0.57 s
+    # (1024²) and 0.07 vs 0.13 s (512²); forward + backward 0.27 vs 0.31 s at 512² but 2.0 vs 1.7 s at
+    # 1024² (a per-point fused multiply-add accumulator was slower than both).
     weights = attention_weights.float().permute(0, 2, 3, 4, 1).reshape(batch * heads, levels, 1, points, queries)
     output = None
     for level, (height, width) in enumerate(shapes):
