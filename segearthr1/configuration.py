@@ -34,8 +34,9 @@ PHI_1_5_TEXT_CONFIG: dict[str, Any] = {
 }
 
 
-# MSDeformAttn core: pure PyTorch, the compiled op when importable (else PyTorch), or the compiled op required.
-DEFORM_ATTN_IMPLS = ("pytorch", "auto", "cuda")
+# MSDeformAttn core (modeling/ms_deform_attn.py resolve_impl): grid_sample as the reference ("pytorch"), one
+# weighted gather ("gather"), the compiled op required ("cuda"), or the fastest available ("auto").
+DEFORM_ATTN_IMPLS = ("auto", "gather", "pytorch", "cuda")
 # The masked-attention decoder cycles over exactly this many multi-scale maps (Mask2Former's 3).
 DECODER_FEATURE_LEVELS = 3
 
@@ -146,7 +147,7 @@ class PixelDecoderConfig(_SubConfig):
     dropout: float = 0.0
     transformer_in_features: tuple[str, ...] = ("res3", "res4", "res5")
     common_stride: int = 4
-    deform_attn_impl: str = "pytorch"
+    deform_attn_impl: str = "auto"  # CPU: one weighted gather; CUDA: the compiled op when importable
 
     def __post_init__(self):
         _check_choice("pixel_decoder.deform_attn_impl", self.deform_attn_impl, DEFORM_ATTN_IMPLS)
