@@ -11,13 +11,13 @@ validated dict (saved as resolved_config.yaml with each run). Sections:
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config_io import apply_overrides, deep_merge, expand_env, load_yaml_config, parse_value, set_dotted
+from ..config_io import (apply_overrides, check_known_keys, deep_merge, expand_env, load_yaml_config, parse_value,
+                         set_dotted)
 from .typecheck import check_section, dataclass_hints
 
 MODEL_KEYS = ("text_config", "image_size", "vision", "connector", "description_projector", "pixel_decoder",
@@ -37,12 +37,7 @@ def canonical_dataset(name: str) -> str:
 
 
 def _strict(cls, data: dict, section: str):
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in data if k not in names]
-    if unknown:
-        hints = [f"{section}.{k}" + (f" (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, names, 1)) else "")
-                 for k in unknown]
-        raise ValueError(f"unknown config key(s): {', '.join(hints)}; valid keys in {section}: {names}")
+    check_known_keys(data, [f.name for f in dataclasses.fields(cls)], f"{section}.")
     return cls(**data)
 
 
@@ -114,11 +109,7 @@ def apply_train_aliases(train: dict) -> dict:
 
 def validate_train_section(train: dict) -> None:
     valid = _training_argument_names() | set(OUR_TRAIN_KEYS) | set(TRAIN_ALIASES)
-    unknown = [k for k in train if k not in valid]
-    if unknown:
-        hints = [f"train.{k}" + (f" (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, sorted(valid), 1)) else "")
-                 for k in unknown]
-        raise ValueError(f"unknown config key(s): {', '.join(hints)}; train.* takes HF TrainingArguments fields")
+    check_known_keys(train, sorted(valid), "train.", valid_note="train.* takes HF TrainingArguments fields")
     check_section("train", train, _train_types())
     if train.get("nonfinite_max_skips", 0) < 0:
         raise ValueError(f"train.nonfinite_max_skips={train['nonfinite_max_skips']} must be >= 0")
@@ -137,9 +128,7 @@ def validate_run_config(config: dict) -> dict:
     from ..configuration import SegEarthR1Config
 
     model = dict(config.get("model", {}))
-    unknown = [k for k in model if k not in MODEL_KEYS]
-    if unknown:
-        raise ValueError(f"unknown config key(s): {', '.join('model.' + k for k in unknown)}; valid: {list(MODEL_KEYS)}")
+    check_known_keys(model, MODEL_KEYS, "model.")
     SegEarthR1Config(**build_model_kwargs(model))  # raises on bad sub-keys / values
     validate_train_section(config.get("train", {}))
     # The resolved config is complete and canonical (defaults filled in, dataset names normalised).
