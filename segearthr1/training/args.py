@@ -89,6 +89,30 @@ def _training_argument_names() -> set[str]:
     return {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
 
 
+# The training recipe (DESIGN.md §5) and the settings this code needs: the one place these values live.
+# A run config's `train:` section holds only what differs (configs/base.yaml: DeepSpeed, bf16, gradient
+# checkpointing, workers); `resolve_run_config` fills the rest in from here, so resolved_config.yaml shows
+# every value a run used.
+DEFAULT_TRAIN_ARGS = {
+    "output_dir": "outputs/run",
+    "num_train_epochs": 15,
+    "per_device_train_batch_size": 2,
+    "gradient_accumulation_steps": 1,
+    "learning_rate": 1e-4,
+    "weight_decay": 0.0,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.03,  # ratio of the total steps (float < 1)
+    "logging_steps": 10,
+    "save_strategy": "epoch",
+    "report_to": [],
+    "remove_unused_columns": False,  # our batch dict carries lists and strings the model needs
+    "dataloader_num_workers": 2,
+    "seed": 42,
+    # HF replaces a NaN/Inf loss by the running mean in its log ("loss 0" while the parts are nan);
+    # the non-finite guard stops such a run, and the log shows the real value.
+    "logging_nan_inf_filter": False,
+}
+
 # Ours, not TrainingArguments: resume, and the non-finite guard (error: stop at the first NaN/Inf loss;
 # skip: skip up to nonfinite_max_skips such steps, then stop).
 OUR_TRAIN_KEYS = ("resume", "nonfinite", "nonfinite_max_skips")
@@ -233,7 +257,7 @@ def resolve_run_config(config_path: str | Path | None, overrides: list[str] | No
     config = apply_overrides(config, overrides or [])
     config, ignored = apply_reference_flags(config, flag_pairs or [])
     config = expand_env(config)
-    apply_train_aliases(config["train"])
+    config["train"] = {**DEFAULT_TRAIN_ARGS, **apply_train_aliases(config["train"])}
     validate_run_config(config)
     return config, ignored
 
