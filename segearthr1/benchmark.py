@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .logging_utils import setup_logging
+from .runtime import setup_logging
 from .perf import STAGES, PeakMemory, StageTimer, peak_tflops
 
 logger = logging.getLogger(__name__)
@@ -225,7 +225,7 @@ def _param_counts(model) -> dict[str, int]:
 
 
 def run(args) -> dict:
-    from .pretrained import resolve_device
+    from .runtime import resolve_device
     from .training.args import data_args
     from .data.registry import DATASETS
 

@@ -113,7 +113,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from . import distributed
+from . import runtime as distributed
 from .data.base import SAMPLING_MODES, SPLITS
 from .data.collate import DataCollator
 from .data.registry import DATASETS, build_dataset, default_data_root
@@ -124,7 +124,7 @@ from .data.transforms import unletterbox_logits
 from .evaluation.bootstrap import DEFAULT_RESAMPLES
 from .evaluation.breakdown import blocks_from_rows
 from .evaluation.metrics import IGNORE_INDEX, SegmentationMeter, foreground_counts, foreground_iou
-from .numerics import check_finite_logits
+from .runtime import check_finite_logits
 from .visualization import draw_overlay, save_rgb_png
 
 logger = logging.getLogger(__name__)
@@ -721,7 +721,7 @@ def run(args: argparse.Namespace) -> EvalResult:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .logging_utils import setup_logging
+    from .runtime import setup_logging
 
     args = parse_args(argv)
     setup_logging(getattr(logging, args.log_level))

@@ -34,7 +34,7 @@ import torch
 
 from .config_io import dump_yaml
 from .errors import CheckpointCorruptedError, CheckpointSaveError, NonFiniteError
-from .logging_utils import is_main_process, setup_logging
+from .runtime import is_main_process, setup_logging
 from .training.args import (DEFAULT_TRAIN_ARGS, OUR_TRAIN_KEYS, build_model_kwargs, data_args, init_args,
                             resolve_run_config, split_cli_pairs)
 from .training.curves import TrainingCurvesCallback

@@ -99,7 +99,7 @@ def expected_logits(model, tokenizer, rgb: np.ndarray, query: str, task: str = "
 @pytest.fixture
 def quiet_cli(monkeypatch):
     """Run the CLI in-process without it replacing the root logger's handlers (keeps caplog working)."""
-    monkeypatch.setattr("segearthr1.logging_utils.setup_logging", lambda *a, **k: None)
+    monkeypatch.setattr("segearthr1.runtime.setup_logging", lambda *a, **k: None)
 
 
 # ------------------------------------------------------------------------------------------------
