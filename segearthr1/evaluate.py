@@ -597,8 +597,8 @@ def _dataset_kwargs(args: argparse.Namespace) -> dict:
 
 def _letterbox_size(model_dir: Path, args: argparse.Namespace) -> int:
     """The model's input size S, read from config.json before the (slow) weight load."""
-    from .pretrained import read_json
-    from .reference_config import is_reference_config
+    from .weights.files import read_json
+    from .weights.reference_config import is_reference_config
 
     raw = read_json(model_dir / "config.json")
     if is_reference_config(raw):
@@ -623,7 +623,8 @@ def run(args: argparse.Namespace) -> EvalResult:
     """The CLI workflow without logging set-up: load, evaluate (sharded), write files on rank 0."""
     from . import __version__
     from .data.base import text_token_budget
-    from .pretrained import MODEL_DIR_LAYOUT, load_pretrained, load_tokenizer
+    from .weights.files import MODEL_DIR_LAYOUT, load_tokenizer
+    from .weights.pretrained import load_pretrained
 
     ctx = distributed.init_distributed(args.device)
     try:

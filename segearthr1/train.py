@@ -92,7 +92,9 @@ def build_model_and_tokenizer(config: dict):
     initialised (tiny/CPU configs) with the tokenizer from `init.tokenizer_path`."""
     from .configuration import SegEarthR1Config
     from .modeling.segearthr1 import SegEarthR1ForReasoningSegmentation
-    from .pretrained import build_for_training, load_tokenizer, setup_tokenizer_and_embeddings
+    from .weights.embeddings import setup_tokenizer_and_embeddings
+    from .weights.files import load_tokenizer
+    from .weights.initialisation import build_for_training
 
     init = init_args(config)
     model_config = SegEarthR1Config(**build_model_kwargs(config["model"]))

@@ -223,7 +223,7 @@ class Predictor:
                  bands: Sequence[int] | None = None, threshold: float = 0.0, simplify: float | None = None,
                  max_query_tokens: int | None = None, tile: bool = False, tile_size: int | None = None,
                  overlap: int | None = None):
-        from ..pretrained import load_pretrained
+        from ..weights.pretrained import load_pretrained
 
         check_device(device)
         model, tokenizer = load_pretrained(model_path, mask_config=mask_config, device=device, dtype=dtype,

@@ -166,7 +166,7 @@ def validate_run_config(config: dict) -> dict:
 def build_model_kwargs(model_section: dict) -> dict:
     """SegEarthR1Config kwargs from the model section; a `mask_config` YAML supplies the decoder dims
     (explicit model keys win over it)."""
-    from ..reference_config import load_mask_config, mask_config_to_sections
+    from ..weights.reference_config import load_mask_config, mask_config_to_sections
 
     model = dict(model_section)
     mask_config = model.pop("mask_config", None)
