@@ -4,12 +4,12 @@ DESIGN.md §6 is a field here, and all validation happens at construction, not a
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass
 from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
+from .config_io import check_known_keys
 from .modeling.vision_encoder import swin_feature_sizes
 
 PHI_1_5_TEXT_CONFIG: dict[str, Any] = {
@@ -57,14 +57,7 @@ class _SubConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, where: str = ""):
         data = dict(data or {})
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in data if k not in names]
-        if unknown:
-            hints = []
-            for key in unknown:
-                close = difflib.get_close_matches(key, names, n=1)
-                hints.append(f"{where}{key}" + (f" (did you mean {close[0]}?)" if close else ""))
-            raise ValueError(f"unknown config key(s): {', '.join(hints)}; valid keys: {names}")
+        check_known_keys(data, [f.name for f in dataclasses.fields(cls)], where)
         for f in dataclasses.fields(cls):  # YAML/JSON give lists where we store tuples
             if f.name in data and isinstance(data[f.name], list):
                 data[f.name] = tuple(data[f.name])

@@ -113,7 +113,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from . import distributed
+from . import runtime as distributed
 from .data.base import SAMPLING_MODES, SPLITS
 from .data.collate import DataCollator
 from .data.registry import DATASETS, build_dataset, default_data_root
@@ -124,7 +124,7 @@ from .data.transforms import unletterbox_logits
 from .evaluation.bootstrap import DEFAULT_RESAMPLES
 from .evaluation.breakdown import blocks_from_rows
 from .evaluation.metrics import IGNORE_INDEX, SegmentationMeter, foreground_counts, foreground_iou
-from .numerics import check_finite_logits
+from .runtime import check_finite_logits
 from .visualization import draw_overlay, save_rgb_png
 
 logger = logging.getLogger(__name__)
@@ -597,8 +597,8 @@ def _dataset_kwargs(args: argparse.Namespace) -> dict:
 
 def _letterbox_size(model_dir: Path, args: argparse.Namespace) -> int:
     """The model's input size S, read from config.json before the (slow) weight load."""
-    from .pretrained import read_json
-    from .reference_config import is_reference_config
+    from .weights.files import read_json
+    from .weights.reference_config import is_reference_config
 
     raw = read_json(model_dir / "config.json")
     if is_reference_config(raw):
@@ -623,7 +623,8 @@ def run(args: argparse.Namespace) -> EvalResult:
     """The CLI workflow without logging set-up: load, evaluate (sharded), write files on rank 0."""
     from . import __version__
     from .data.base import text_token_budget
-    from .pretrained import MODEL_DIR_LAYOUT, load_pretrained, load_tokenizer
+    from .weights.files import MODEL_DIR_LAYOUT, load_tokenizer
+    from .weights.pretrained import load_pretrained
 
     ctx = distributed.init_distributed(args.device)
     try:
@@ -721,7 +722,7 @@ def run(args: argparse.Namespace) -> EvalResult:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .logging_utils import setup_logging
+    from .runtime import setup_logging
 
     args = parse_args(argv)
     setup_logging(getattr(logging, args.log_level))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from segearthr1.data.synthetic import generate
-from segearthr1.pretrained import load_pretrained
+from segearthr1.weights.pretrained import load_pretrained
 from segearthr1.training.trainer import last_complete_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from segearthr1.data.synthetic import DATASET_NAMES, generate  # noqa: E402
-from segearthr1.logging_utils import setup_logging  # noqa: E402
+from segearthr1.runtime import setup_logging  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import DatasetCorruptedError, DatasetNotFoundError
-from ..logging_utils import setup_logging
+from ..runtime import setup_logging
 from .base import SPLITS
 from .integrity import small_image_message
 from .registry import build_dataset, default_data_root

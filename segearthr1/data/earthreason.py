@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DatasetCorruptedError, DatasetNotFoundError
-from ..logging_utils import warning_once
+from ..runtime import warning_once
 from ..processing import REASON_SEG
 from .base import SAMPLING_MODES, ReasoningSegDataset, SampleSource, list_preview
 from .image_io import read_mask
