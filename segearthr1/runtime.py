@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -119,6 +120,34 @@ def all_gather_objects(obj) -> list:
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+# DeepSpeed's CPU all-reduce (its "shm comm" op) maps one POSIX shared-memory segment per rank, named
+# deepspeed_allreduce_buffer_{uid}_{MASTER_ADDR}_{MASTER_PORT}_{rank}, and never unlinks it.
+_DEEPSPEED_SHM_NAME = "deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}"
+
+
+def release_deepspeed_shm_name(shm_dir: str | os.PathLike = "/dev/shm") -> Path | None:
+    """Unlink this rank's DeepSpeed all-reduce segment name; returns the path removed, if any.
+
+    Why: every multi-process CPU run otherwise leaves ~67 MB per rank in RAM-backed /dev/shm after it
+    exits (measured here: 114 segments, 7.4 GB of RAM, after a day of test and quickstart runs). Once
+    every rank has mapped every peer's segment (DeepSpeed does that while the process group is set up)
+    and a barrier has passed, the name is no longer needed: the mappings stay valid until the processes
+    exit, and the memory is freed then, even when a run is killed.
+    """
+    if not is_initialized() or dist.get_world_size() < 2:
+        return None
+    dist.barrier()
+    path = Path(shm_dir) / _DEEPSPEED_SHM_NAME.format(
+        uid=os.getuid(), addr=os.environ.get("MASTER_ADDR", ""), port=os.environ.get("MASTER_PORT", ""),
+        rank=dist.get_rank())
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return None
+    logger.debug("unlinked %s (DeepSpeed shared-memory all-reduce buffer; mapped by every rank)", path)
+    return path
 
 
 def cleanup(ctx: DistContext | None) -> None:

@@ -38,6 +38,7 @@ from .runtime import is_main_process, setup_logging
 from .training.args import (DEFAULT_TRAIN_ARGS, OUR_TRAIN_KEYS, build_model_kwargs, data_args, init_args,
                             resolve_run_config, split_cli_pairs)
 from .training.curves import TrainingCurvesCallback
+from .training.shm_release import ReleaseDeepSpeedShmCallback
 
 logger = logging.getLogger("segearthr1.train")
 
@@ -205,7 +206,7 @@ def _train(config: dict, config_path) -> int:
     trainer = SegEarthR1Trainer(
         model=model, args=training_args, train_dataset=train_set,
         data_collator=DataCollator(tokenizer.pad_token_id, max_length=data.max_length),
-        processing_class=tokenizer, guard=guard, run_files_dir=output_dir, callbacks=[TrainingCurvesCallback()])
+        processing_class=tokenizer, guard=guard, run_files_dir=output_dir, callbacks=[TrainingCurvesCallback(), ReleaseDeepSpeedShmCallback()])
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     final_dir = output_dir / "final"
