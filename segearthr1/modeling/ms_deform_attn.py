@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segearthr1.configuration import DEFORM_ATTN_IMPLS as IMPLS
+from segearthr1.configuration import SegEarthR1Config
 from segearthr1.errors import DependencyNotFoundError
 
 logger = logging.getLogger(__name__)
@@ -155,24 +155,28 @@ class MSDeformAttn(nn.Module):
 
     ``sampling_offsets`` output features are ordered (head, level, point, xy) and are divided by
     (W, H) of their level; ``attention_weights`` are softmax-normalised over levels*points per head.
+    ``d_model % num_heads == 0`` and the ``impl`` name are checked by ``PixelDecoderConfig``.
     """
 
-    def __init__(self, d_model: int = 256, n_levels: int = 3, n_heads: int = 8, n_points: int = 4, impl: str = "pytorch") -> None:
+    def __init__(self, *, d_model: int, num_levels: int, num_heads: int, num_points: int, impl: str) -> None:
         super().__init__()
-        if d_model % n_heads:
-            raise ValueError(f"MSDeformAttn: d_model={d_model} is not divisible by n_heads={n_heads}; pick a divisor")
-        if impl not in IMPLS:
-            raise ValueError(f"MSDeformAttn: impl={impl!r} is not one of {IMPLS}")
         self.d_model = d_model
-        self.n_levels = n_levels
-        self.n_heads = n_heads
-        self.n_points = n_points
+        self.n_levels = num_levels
+        self.n_heads = num_heads
+        self.n_points = num_points
         self.impl = impl
-        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
-        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.sampling_offsets = nn.Linear(d_model, num_heads * num_levels * num_points * 2)
+        self.attention_weights = nn.Linear(d_model, num_heads * num_levels * num_points)
         self.value_proj = nn.Linear(d_model, d_model)
         self.output_proj = nn.Linear(d_model, d_model)
         self._reset_parameters()
+
+    @classmethod
+    def from_config(cls, config: SegEarthR1Config) -> MSDeformAttn:
+        """One layer of the pixel decoder's deformable encoder (`config.pixel_decoder`)."""
+        pd = config.pixel_decoder
+        return cls(d_model=pd.conv_dim, num_levels=len(pd.transformer_in_features), num_heads=pd.num_heads,
+                   num_points=pd.num_points, impl=pd.deform_attn_impl)
 
     def _reset_parameters(self) -> None:
         """Deformable-DETR init: zero offset weights, offsets start on a radial grid (head h points at

@@ -8,6 +8,11 @@ from torch import nn
 
 # Cached grids are keyed by (H, W, device, dtype); a handful of sizes occur per model, bound it anyway.
 _MAX_CACHE_ENTRIES = 32
+# DETR / Mask2Former constants: longest wavelength, the range normalised positions are scaled to, and
+# the epsilon of the normalisation (the reference's values; no model varies them).
+TEMPERATURE = 10000.0
+SCALE = 2 * math.pi
+EPS = 1e-6
 
 
 class PositionEmbeddingSine(nn.Module):
@@ -18,25 +23,14 @@ class PositionEmbeddingSine(nn.Module):
     with no padding mask. The maths runs in float32 (as the reference) and is cast to ``x.dtype``.
     """
 
-    def __init__(
-        self,
-        num_pos_feats: int,
-        temperature: float = 10000.0,
-        normalize: bool = True,
-        scale: float | None = 2 * math.pi,
-        eps: float = 1e-6,
-    ) -> None:
+    def __init__(self, *, num_pos_feats: int, normalize: bool) -> None:
         super().__init__()
-        if num_pos_feats <= 0 or num_pos_feats % 2:
-            raise ValueError(
-                f"PositionEmbeddingSine: num_pos_feats={num_pos_feats} must be a positive even number "
-                "(sin/cos pairs); use half of an even channel count"
-            )
+        # num_pos_feats is half a channel width; the config checks those widths are multiples of 4.
         self.num_pos_feats = num_pos_feats
-        self.temperature = temperature
+        self.temperature = TEMPERATURE
         self.normalize = normalize
-        self.scale = 2 * math.pi if scale is None else scale
-        self.eps = eps
+        self.scale = SCALE
+        self.eps = EPS
         self._cache: dict[tuple, torch.Tensor] = {}
 
     def _grid(self, height: int, width: int, device: torch.device) -> torch.Tensor:
