@@ -27,10 +27,7 @@ class PositionEmbeddingSine(nn.Module):
         super().__init__()
         # num_pos_feats is half a channel width; the config checks those widths are multiples of 4.
         self.num_pos_feats = num_pos_feats
-        self.temperature = TEMPERATURE
         self.normalize = normalize
-        self.scale = SCALE
-        self.eps = EPS
         self._cache: dict[tuple, torch.Tensor] = {}
 
     def _grid(self, height: int, width: int, device: torch.device) -> torch.Tensor:
@@ -39,10 +36,10 @@ class PositionEmbeddingSine(nn.Module):
         x_embed = torch.arange(1, width + 1, dtype=torch.float32, device=device)[None, :].expand(height, width)
         if self.normalize:
             # Same expression as the reference: cumsum / (last cumsum + eps) * scale.
-            y_embed = y_embed / (y_embed[-1:, :] + self.eps) * self.scale
-            x_embed = x_embed / (x_embed[:, -1:] + self.eps) * self.scale
+            y_embed = y_embed / (y_embed[-1:, :] + EPS) * SCALE
+            x_embed = x_embed / (x_embed[:, -1:] + EPS) * SCALE
         dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=device)
-        dim_t = self.temperature ** (2 * (dim_t // 2) / self.num_pos_feats)
+        dim_t = TEMPERATURE ** (2 * (dim_t // 2) / self.num_pos_feats)
         pos_x = x_embed[:, :, None] / dim_t
         pos_y = y_embed[:, :, None] / dim_t
         pos_x = torch.stack((pos_x[:, :, 0::2].sin(), pos_x[:, :, 1::2].cos()), dim=3).flatten(2)
