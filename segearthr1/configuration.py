@@ -1,16 +1,24 @@
 """Model configuration: one `SegEarthR1Config` (saved as config.json beside the weights) with one
 sub-config per module. Defaults are the reference (released) model; every ablation switch of
-DESIGN.md §6 is a field here, and all validation happens at construction, not at first forward."""
+DESIGN.md §6 is a field here, and all validation happens at construction, not at first forward.
+
+This module is the single home of every model/loss default and of every rule between fields: module
+constructors in `modeling/` take keyword-only arguments without defaults, each module's
+`from_config(config)` reads them from here, and the modules do not re-check what is checked here.
+Nothing here imports from `modeling/` (the shape arithmetic the config needs lives in this file)."""
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from transformers import AutoConfig, PretrainedConfig
 
 from .config_io import check_known_keys
-from .modeling.vision_encoder import swin_feature_sizes
+
+logger = logging.getLogger(__name__)
 
 PHI_1_5_TEXT_CONFIG: dict[str, Any] = {
     # Phi-1.5 as the reference builds it (golden/upstream_keys_full.json "llm_config").
@@ -39,6 +47,30 @@ PHI_1_5_TEXT_CONFIG: dict[str, Any] = {
 DEFORM_ATTN_IMPLS = ("auto", "gather", "pytorch", "cuda")
 # The masked-attention decoder cycles over exactly this many multi-scale maps (Mask2Former's 3).
 DECODER_FEATURE_LEVELS = 3
+# Names of the encoder's four output maps, fine -> coarse (strides patch_size * 1, 2, 4, 8).
+FEATURE_NAMES = ("res2", "res3", "res4", "res5")
+# Input images are RGB (processing.py normalises three channels).
+IMAGE_CHANNELS = 3
+# GroupNorm(32, C) in every pixel-decoder projection, as the reference; channel widths must divide.
+GROUP_NORM_GROUPS = 32
+# Module switches: the registries in modeling/ are keyed by exactly these names.
+CONNECTOR_KINDS = ("sparse_conv", "linear", "mlp2x_gelu", "identity")
+# The reference's `mm_projector_type` names -> ours (the reference's other names are the same as ours).
+REFERENCE_CONNECTOR_NAMES = {"SparseConv_1": "sparse_conv"}
+PROJECTOR_KINDS = ("perceiver", "none")
+QUERY_MODES = ("description", "learned")
+LLM_ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
+def swin_feature_sizes(image_size: int, patch_size: int, num_stages: int = len(FEATURE_NAMES)) -> list[int]:
+    """Spatial side of res2..res5 for a square ``image_size`` input (patch embed and merges round up)."""
+    if image_size <= 0 or patch_size <= 0:
+        raise ValueError(f"swin_feature_sizes got image_size={image_size}, patch_size={patch_size}; "
+                         "both must be positive integers")
+    sizes = [math.ceil(image_size / patch_size)]
+    for _ in range(num_stages - 1):
+        sizes.append(math.ceil(sizes[-1] / 2))
+    return sizes
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -54,14 +86,29 @@ def _check_positive(name: str, value: float) -> None:
 class _SubConfig:
     """Strict dict <-> dataclass conversion shared by the sub-configs."""
 
+    # Old field name -> current name: config.json / YAML files written before a rename still load.
+    renamed_keys: ClassVar[dict[str, str]] = {}
+
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, where: str = ""):
-        data = dict(data or {})
+        data = cls._rename_old_keys(dict(data or {}), where)
         check_known_keys(data, [f.name for f in dataclasses.fields(cls)], where)
         for f in dataclasses.fields(cls):  # YAML/JSON give lists where we store tuples
             if f.name in data and isinstance(data[f.name], list):
                 data[f.name] = tuple(data[f.name])
         return cls(**data)
+
+    @classmethod
+    def _rename_old_keys(cls, data: dict[str, Any], where: str) -> dict[str, Any]:
+        for old, new in cls.renamed_keys.items():
+            if old not in data:
+                continue
+            if new in data:
+                raise ValueError(f"{where}{old} and {where}{new} are both given; {old} is the old name of "
+                                 f"{new}: keep only {where}{new}")
+            logger.debug("config key %s%s is the old name of %s%s; reading it as such", where, old, where, new)
+            data[new] = data.pop(old)
+        return data
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -79,57 +126,79 @@ class VisionConfig(_SubConfig):
     mlp_ratio: float = 4.0
     drop_path_rate: float = 0.3
     patch_size: int = 4
+    qkv_bias: bool = True
+    patch_norm: bool = True
     frozen: bool = True
     # The reference leaves the frozen encoder in train mode, so drop-path stays active (DESIGN §8).
     # Faithful default True; False puts the frozen encoder in eval mode during training.
     train_mode_when_frozen: bool = True
 
     def __post_init__(self):
-        if len(self.depths) != 4 or len(self.num_heads) != 4:
-            raise ValueError(f"vision.depths={self.depths} and vision.num_heads={self.num_heads} need 4 stages each")
-        for i, heads in enumerate(self.num_heads):
-            if (self.embed_dim * 2**i) % heads:
-                raise ValueError(f"vision stage {i}: width {self.embed_dim * 2**i} not divisible by {heads} heads")
+        stages = len(FEATURE_NAMES)
+        if len(self.depths) != stages or len(self.num_heads) != stages:
+            raise ValueError(f"vision.depths={list(self.depths)} and vision.num_heads={list(self.num_heads)} need "
+                             f"{stages} stages each (one per output map {list(FEATURE_NAMES)})")
+        for name in ("embed_dim", "window_size", "patch_size", "mlp_ratio"):
+            _check_positive(f"vision.{name}", getattr(self, name))
+        for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
+            _check_positive(f"vision.depths[{i}]", depth)
+            _check_positive(f"vision.num_heads[{i}]", heads)
+            width = self.embed_dim * 2**i
+            if width % heads:
+                raise ValueError(f"vision.num_heads[{i}]={heads} does not divide stage {i}'s width embed_dim*2**{i}"
+                                 f"={width}; choose num_heads[{i}] among the divisors of {width}")
         if not 0 <= self.drop_path_rate < 1:
             raise ValueError(f"vision.drop_path_rate={self.drop_path_rate} must be in [0, 1)")
 
     @property
     def out_channels(self) -> list[int]:
-        return [self.embed_dim * 2**i for i in range(4)]
+        return [self.embed_dim * 2**i for i in range(len(FEATURE_NAMES))]
+
+    @property
+    def out_strides(self) -> list[int]:
+        return [self.patch_size * 2**i for i in range(len(FEATURE_NAMES))]
 
 
 @dataclass
 class ConnectorConfig(_SubConfig):
-    """Visual-token connector (DESIGN.md §2.3). `sparse_conv` is the reference `SparseConv_1`."""
+    """Visual-token connector (DESIGN.md §2.3). `sparse_conv` is the reference `SparseConv_1`;
+    `kernel_size`/`stride` shape its two strided convs (the others keep one token per res5 position)."""
 
     kind: str = "sparse_conv"
+    kernel_size: int = 3
+    stride: int = 2
 
     def __post_init__(self):
-        aliases = {"SparseConv_1": "sparse_conv"}
-        self.kind = aliases.get(self.kind, self.kind)
-        _check_choice("connector.kind", self.kind, ("sparse_conv", "linear", "mlp2x_gelu", "identity"))
+        self.kind = REFERENCE_CONNECTOR_NAMES.get(self.kind, self.kind)
+        _check_choice("connector.kind", self.kind, CONNECTOR_KINDS)
+        _check_positive("connector.kernel_size", self.kernel_size)
+        _check_positive("connector.stride", self.stride)
 
 
 @dataclass
 class DescriptionProjectorConfig(_SubConfig):
-    """Perceiver-style fusion of the description embedding with res5 features (DESIGN.md §2.5)."""
+    """Perceiver-style fusion of the description embedding with res5 features (DESIGN.md §2.5).
+    Attention width is num_heads * dim_head (independent of `dim`), so no divisibility rule applies."""
+
+    renamed_keys: ClassVar[dict[str, str]] = {"heads": "num_heads"}
 
     kind: str = "perceiver"  # perceiver | none (ablation: a single Linear on the pooled description)
     dim: int = 512
     depth: int = 1
-    heads: int = 8
+    num_heads: int = 8
     dim_head: int = 64
     ff_mult: int = 1
 
     def __post_init__(self):
-        _check_choice("description_projector.kind", self.kind, ("perceiver", "none"))
-        for name in ("dim", "depth", "heads", "dim_head", "ff_mult"):
+        _check_choice("description_projector.kind", self.kind, PROJECTOR_KINDS)
+        for name in ("dim", "depth", "num_heads", "dim_head", "ff_mult"):
             _check_positive(f"description_projector.{name}", getattr(self, name))
 
 
 @dataclass
 class PixelDecoderConfig(_SubConfig):
-    """Mask2Former MSDeformAttn pixel decoder (DESIGN.md §2.6)."""
+    """Mask2Former MSDeformAttn pixel decoder (DESIGN.md §2.6). `common_stride` (the stride of
+    mask_features) is checked against the encoder strides by `SegEarthR1Config`."""
 
     conv_dim: int = 256
     mask_dim: int = 256
@@ -144,22 +213,28 @@ class PixelDecoderConfig(_SubConfig):
 
     def __post_init__(self):
         _check_choice("pixel_decoder.deform_attn_impl", self.deform_attn_impl, DEFORM_ATTN_IMPLS)
-        valid = ("res2", "res3", "res4", "res5")
+        for name in ("conv_dim", "mask_dim", "num_heads", "num_points", "ffn_dim", "num_encoder_layers",
+                     "common_stride"):
+            _check_positive(f"pixel_decoder.{name}", getattr(self, name))
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"pixel_decoder.dropout={self.dropout} must be in [0, 1)")
         for name in self.transformer_in_features:
-            _check_choice("pixel_decoder.transformer_in_features[*]", name, valid)
+            _check_choice("pixel_decoder.transformer_in_features[*]", name, FEATURE_NAMES)
         features = list(self.transformer_in_features)
         if len(features) != DECODER_FEATURE_LEVELS or len(set(features)) != len(features):
             raise ValueError(
                 f"pixel_decoder.transformer_in_features={features}: the mask decoder attends to exactly "
-                f"{DECODER_FEATURE_LEVELS} distinct levels (one per layer, cycling); choose 3 of {list(valid)}, "
-                "e.g. [res3, res4, res5] (the reference)")
-        if "res2" in features:
-            raise ValueError(f"pixel_decoder.transformer_in_features={features}: res2 is the FPN level that "
-                             "mask_features are built from; use three of res3, res4, res5")
+                f"{DECODER_FEATURE_LEVELS} distinct levels (one per layer, cycling); choose 3 of "
+                f"{list(FEATURE_NAMES)}, e.g. [res3, res4, res5] (the reference)")
+        if FEATURE_NAMES[0] in features:
+            raise ValueError(f"pixel_decoder.transformer_in_features={features}: {FEATURE_NAMES[0]} is the FPN level "
+                             f"that mask_features are built from; use three of {list(FEATURE_NAMES[1:])}")
         if self.conv_dim % self.num_heads:
-            raise ValueError(f"pixel_decoder.conv_dim={self.conv_dim} not divisible by num_heads={self.num_heads}")
-        if self.conv_dim % 32:
-            raise ValueError(f"pixel_decoder.conv_dim={self.conv_dim} must be a multiple of 32 (GroupNorm(32))")
+            raise ValueError(f"pixel_decoder.num_heads={self.num_heads} does not divide pixel_decoder.conv_dim="
+                             f"{self.conv_dim}; choose num_heads among its divisors (reference 8 of 256)")
+        if self.conv_dim % GROUP_NORM_GROUPS:
+            raise ValueError(f"pixel_decoder.conv_dim={self.conv_dim} must be a multiple of {GROUP_NORM_GROUPS} "
+                             f"(GroupNorm({GROUP_NORM_GROUPS}); it also gives the multiple of 4 the sine code needs)")
 
 
 @dataclass
@@ -181,17 +256,21 @@ class MaskDecoderConfig(_SubConfig):
     sdpa_attention: bool = False
 
     def __post_init__(self):
-        _check_choice("mask_decoder.query", self.query, ("description", "learned"))
+        _check_choice("mask_decoder.query", self.query, QUERY_MODES)
+        for name in ("hidden_dim", "num_queries", "num_heads", "dim_feedforward", "num_layers"):
+            _check_positive(f"mask_decoder.{name}", getattr(self, name))
         if self.hidden_dim % self.num_heads:
-            raise ValueError(f"mask_decoder.hidden_dim={self.hidden_dim} not divisible by num_heads={self.num_heads}")
+            raise ValueError(f"mask_decoder.num_heads={self.num_heads} does not divide mask_decoder.hidden_dim="
+                             f"{self.hidden_dim}; choose num_heads among its divisors (reference 8 of 256)")
         if self.hidden_dim % 4:
             raise ValueError(f"mask_decoder.hidden_dim={self.hidden_dim} must be a multiple of 4 (sine position code)")
-        _check_positive("mask_decoder.num_layers", self.num_layers)
 
 
 @dataclass
 class LossConfig(_SubConfig):
-    """Point-sampled mask losses with deep supervision (DESIGN.md §2.7)."""
+    """Point-sampled mask losses with deep supervision (DESIGN.md §2.7). The point rule is
+    Mask2Former's: oversample_ratio >= 1 and importance_sample_ratio in [0, 1] (so there are always at
+    least as many candidates as importance points); losses.py relies on it and does not re-check."""
 
     num_points: int = 12544
     oversample_ratio: float = 3.0
@@ -207,7 +286,7 @@ class LossConfig(_SubConfig):
         if not 0 <= self.importance_sample_ratio <= 1:
             raise ValueError(f"loss.importance_sample_ratio={self.importance_sample_ratio} must be in [0, 1]")
         if self.oversample_ratio < 1:
-            raise ValueError(f"loss.oversample_ratio={self.oversample_ratio} must be >= 1")
+            raise ValueError(f"loss.oversample_ratio={self.oversample_ratio} must be >= 1 (candidates per point)")
 
 
 @dataclass
@@ -304,22 +383,44 @@ class SegEarthR1Config(PretrainedConfig):
 
     # ----------------------------------------------------------------------------------------------
     def _validate(self) -> None:
-        stride = self.vision.patch_size * 8
+        stride = self.vision.out_strides[-1]
         if self.image_size < stride:
-            raise ValueError(f"image_size={self.image_size} is smaller than the encoder's total stride {stride}")
-        _check_choice("llm_attn_implementation", self.llm_attn_implementation, ("sdpa", "eager", "flash_attention_2"))
+            raise ValueError(f"image_size={self.image_size} is smaller than the encoder's total stride {stride} "
+                             f"(vision.patch_size * 8); use image_size >= {stride}")
+        _check_choice("llm_attn_implementation", self.llm_attn_implementation, LLM_ATTN_IMPLEMENTATIONS)
+        self._validate_text_heads()
         if self.connector.kind == "identity" and self.vision.out_channels[-1] != self.text_config.hidden_size:
             raise ValueError(
                 f"connector.kind='identity' needs res5 channels ({self.vision.out_channels[-1]}) == LLM hidden "
                 f"size ({self.text_config.hidden_size}); use 'sparse_conv', 'linear' or 'mlp2x_gelu'")
-        pd = self.pixel_decoder
-        n_levels = len(pd.transformer_in_features)
-        if n_levels > 4:
-            raise ValueError(f"pixel_decoder.transformer_in_features has {n_levels} levels; the encoder has 4")
+        self._validate_common_stride()
+
+    def _validate_text_heads(self) -> None:
+        """The LLM splits hidden_size evenly over its heads (some HF configs check it themselves, Phi's not)."""
+        tc = self.text_config
+        heads = getattr(tc, "num_attention_heads", None)
+        if heads and tc.hidden_size % heads:
+            raise ValueError(f"text_config.num_attention_heads={heads} does not divide text_config.hidden_size="
+                             f"{tc.hidden_size}; choose num_attention_heads among the divisors of hidden_size")
+
+    def _validate_common_stride(self) -> None:
+        """mask_features come from the finest transformer level, upsampled through one FPN level per
+        finer encoder map, so common_stride must be the stride of an encoder map no coarser than that."""
+        strides = dict(zip(FEATURE_NAMES, self.vision.out_strides))
+        finest = min(strides[name] for name in self.pixel_decoder.transformer_in_features)
+        allowed = [s for s in strides.values() if s <= finest]
+        if self.pixel_decoder.common_stride not in allowed:
+            raise ValueError(f"pixel_decoder.common_stride={self.pixel_decoder.common_stride} is not an encoder "
+                             f"stride at or below the finest transformer level; choose one of {allowed} "
+                             f"(vision.patch_size={self.vision.patch_size}; the reference uses 4)")
 
     @property
     def encoder_channels(self) -> list[int]:
         return self.vision.out_channels
+
+    @property
+    def encoder_strides(self) -> list[int]:
+        return self.vision.out_strides
 
     @property
     def feature_sizes(self) -> list[int]:

@@ -11,7 +11,7 @@ Hungarian matching is trivially (query 0, target 0) and is skipped. The learned-
 from __future__ import annotations
 
 import logging
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -19,6 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import DependencyNotFoundError
+
+if TYPE_CHECKING:
+    from .configuration import SegEarthR1Config
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +62,9 @@ def uncertain_point_sampling(logits: Tensor, num_points: int, oversample_ratio: 
     Draws N × int(num_points·oversample_ratio) uniform candidates, keeps the
     k = int(importance_sample_ratio·num_points) most uncertain ones (top-k of −|logit|) and appends
     num_points − k fresh uniform points. `logits` is [N,1,h,w]; returns [N,num_points,2].
-    Every uniform draw goes through `rand(*shape, device=..., dtype=...)`, so tests can inject the
-    reference's recorded draws.
+    The ratios follow `LossConfig`'s rule (oversample_ratio >= 1, importance_sample_ratio in [0, 1]),
+    checked there once. Every uniform draw goes through `rand(*shape, device=..., dtype=...)`, so
+    tests can inject the reference's recorded draws.
     """
     if logits.dim() != 4 or logits.shape[1] != 1:
         raise ValueError(f"uncertain_point_sampling: logits shape {tuple(logits.shape)} is not [N,1,h,w]; "
@@ -69,10 +73,6 @@ def uncertain_point_sampling(logits: Tensor, num_points: int, oversample_ratio: 
     num_candidates = int(num_points * oversample_ratio)
     num_uncertain = int(importance_sample_ratio * num_points)
     num_random = num_points - num_uncertain
-    if num_candidates < num_uncertain:
-        raise ValueError(f"uncertain_point_sampling: oversample_ratio={oversample_ratio} gives {num_candidates} "
-                         f"candidates < {num_uncertain} importance points; use oversample_ratio >= "
-                         "importance_sample_ratio")
     kw = dict(device=logits.device, dtype=torch.float32)
     candidates = rand(n, num_candidates, 2, **kw)
     uncertainty = calculate_uncertainty(point_sample(logits, candidates))[:, 0, :]  # [N, candidates]
@@ -152,18 +152,11 @@ class MaskCriterion(nn.Module):
     Losses are computed in float32 whatever the prediction dtype (bf16 training).
     """
 
-    def __init__(self, num_points: int = 12544, oversample_ratio: float = 3.0,
-                 importance_sample_ratio: float = 0.75, mask_weight: float = 5.0, dice_weight: float = 5.0,
-                 class_weight: float = 2.0, point_sampler: PointSampler | None = None,
-                 rand: RandFn | None = None) -> None:
+    def __init__(self, *, num_points: int, oversample_ratio: float, importance_sample_ratio: float,
+                 mask_weight: float, dice_weight: float, class_weight: float,
+                 point_sampler: PointSampler | None = None, rand: RandFn | None = None) -> None:
+        """Numbers from `LossConfig` (which checks them); `point_sampler`/`rand` are optional test hooks."""
         super().__init__()
-        if num_points < 1:
-            raise ValueError(f"MaskCriterion: num_points={num_points} must be >= 1")
-        if not 0.0 <= importance_sample_ratio <= 1.0:
-            raise ValueError(f"MaskCriterion: importance_sample_ratio={importance_sample_ratio} must be in [0, 1]")
-        if oversample_ratio < importance_sample_ratio:
-            raise ValueError(f"MaskCriterion: oversample_ratio={oversample_ratio} must be >= "
-                             f"importance_sample_ratio={importance_sample_ratio}")
         self.num_points = num_points
         self.oversample_ratio = oversample_ratio
         self.importance_sample_ratio = importance_sample_ratio
@@ -172,6 +165,14 @@ class MaskCriterion(nn.Module):
         self.class_weight = class_weight
         self.point_sampler = point_sampler
         self.rand: RandFn = rand if rand is not None else torch.rand
+
+    @classmethod
+    def from_config(cls, config: SegEarthR1Config, **hooks) -> MaskCriterion:
+        """The criterion `config.loss` describes; `hooks` = point_sampler / rand (tests, parity checks)."""
+        lc = config.loss
+        return cls(num_points=lc.num_points, oversample_ratio=lc.oversample_ratio,
+                   importance_sample_ratio=lc.importance_sample_ratio, mask_weight=lc.mask_weight,
+                   dice_weight=lc.dice_weight, class_weight=lc.class_weight, **hooks)
 
     # -- point selection -------------------------------------------------------------------
     @torch.no_grad()

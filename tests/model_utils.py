@@ -26,7 +26,7 @@ def tiny_config(text_config=None, image_size: int = 64, **overrides) -> SegEarth
     kwargs = dict(
         text_config=dict(text_config or TINY_PHI), image_size=image_size,
         vision=dict(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=4, drop_path_rate=0.1),
-        description_projector=dict(dim=32, heads=2, dim_head=16),
+        description_projector=dict(dim=32, num_heads=2, dim_head=16),
         pixel_decoder=dict(conv_dim=32, mask_dim=32, num_heads=2, ffn_dim=64, num_encoder_layers=1),
         mask_decoder=dict(hidden_dim=32, num_heads=2, dim_feedforward=64, num_layers=2, num_queries=5),
         loss=dict(num_points=64), seg_token_id=999, pad_token_id=998)

@@ -7,6 +7,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from conftest import load_reference
+from segearthr1.configuration import SegEarthR1Config
 from segearthr1.losses import (MaskCriterion, batch_dice_loss, batch_sigmoid_ce_loss, calculate_uncertainty,
                                dice_loss, point_sample, reduce_num_masks, sigmoid_ce_loss,
                                uncertain_point_sampling)
@@ -127,12 +128,16 @@ def test_uncertain_point_sampling_rejects_multichannel():
 # ---------------------------------------------------------------------------------------------
 # full criterion vs the reference
 # ---------------------------------------------------------------------------------------------
-def _criterion(fx, **kw) -> MaskCriterion:
+def _crit(hooks: dict | None = None, **loss) -> MaskCriterion:
+    """The criterion of a config with these `loss` fields (the others: the reference's)."""
+    return MaskCriterion.from_config(SegEarthR1Config(loss=loss), **(hooks or {}))
+
+
+def _criterion(fx, **hooks) -> MaskCriterion:
     cfg = fx["meta"]["config"]
-    return MaskCriterion(num_points=cfg["num_points"], oversample_ratio=cfg["oversample_ratio"],
-                         importance_sample_ratio=cfg["importance_sample_ratio"],
-                         mask_weight=cfg["matcher"]["cost_mask"], dice_weight=cfg["matcher"]["cost_dice"],
-                         class_weight=cfg["matcher"]["cost_class"], **kw)
+    return _crit(hooks, num_points=cfg["num_points"], oversample_ratio=cfg["oversample_ratio"],
+                 importance_sample_ratio=cfg["importance_sample_ratio"], mask_weight=cfg["matcher"]["cost_mask"],
+                 dice_weight=cfg["matcher"]["cost_dice"], class_weight=cfg["matcher"]["cost_class"])
 
 
 def _check_against_reference(fx, losses):
@@ -202,7 +207,7 @@ def test_criterion_bf16_predictions_compute_in_float32(fx):
 
 
 def test_criterion_input_errors():
-    crit = MaskCriterion(num_points=16)
+    crit = _crit(num_points=16)
     gt = torch.zeros(2, 1, 32, 32, dtype=torch.uint8)
     with pytest.raises(ValueError, match="no pred_seg_logits"):
         crit(torch.zeros(2, 3, 8, 8), [], gt, 2.0)
@@ -210,8 +215,12 @@ def test_criterion_input_errors():
         crit(torch.zeros(2, 1, 8, 8), [torch.zeros(2, 1, 4, 4)], gt, 2.0)
     with pytest.raises(ValueError, match="target_masks shape"):
         crit(torch.zeros(2, 1, 8, 8), [], torch.zeros(3, 1, 32, 32), 2.0)
-    with pytest.raises(ValueError, match="importance_sample_ratio"):
-        MaskCriterion(importance_sample_ratio=1.5)
+
+
+def test_extreme_allowed_ratios_sample():
+    """oversample_ratio 1 with every point by importance is allowed and samples all candidates."""
+    crit = _crit(num_points=32, oversample_ratio=1.0, importance_sample_ratio=1.0)
+    assert crit.sample_points(torch.randn(2, 1, 8, 8)).shape == (2, 32, 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,7 +240,7 @@ def _learned_query_case():
 
 def test_match_picks_the_query_equal_to_the_target():
     masks, seg_logits, targets, expected = _learned_query_case()
-    crit = MaskCriterion(num_points=256)
+    crit = _crit(num_points=256)
     assert torch.equal(crit.match(masks, seg_logits, targets), expected)
     # when all queries predict the same mask, the [SEG] logit decides
     same = masks[:, :1].expand(-1, 3, -1, -1).clone()
@@ -244,7 +253,7 @@ def test_learned_query_losses():
     masks, seg_logits, targets, expected = _learned_query_case()
     aux_masks, aux_logits = [masks.clone()], [seg_logits.clone().unsqueeze(-1)]  # [B,Q,1] accepted too
     coords = torch.rand(2, 64, 2)
-    crit = MaskCriterion(num_points=256, point_sampler=lambda logits: coords)
+    crit = _crit({"point_sampler": lambda logits: coords}, num_points=256)
     losses = crit(masks, aux_masks, targets, 2.0, pred_seg_logits=seg_logits, aux_pred_seg_logits=aux_logits)
     onehot = F.one_hot(expected, 3).float()
     raw_class = F.binary_cross_entropy_with_logits(seg_logits, onehot)
@@ -266,7 +275,7 @@ def test_learned_query_losses():
 def test_learned_query_requires_aux_logits_per_aux_output():
     masks, seg_logits, targets, _ = _learned_query_case()
     with pytest.raises(ValueError, match="aux_pred_seg_logits"):
-        MaskCriterion(num_points=16)(masks, [masks], targets, 2.0, pred_seg_logits=seg_logits)
+        _crit(num_points=16)(masks, [masks], targets, 2.0, pred_seg_logits=seg_logits)
 
 
 # ---------------------------------------------------------------------------------------------

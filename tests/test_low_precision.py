@@ -12,11 +12,13 @@ import pytest
 import torch
 
 from model_utils import make_batch, tiny_model
+from modeling.test_connector import _config as connector_config
+from modeling.test_vision_encoder import encoder, fixture_encoder
+from segearthr1.configuration import SegEarthR1Config
 from segearthr1.modeling.connector import build_connector
 from segearthr1.modeling.description_projector import DescriptionProjector, PerceiverResampler
 from segearthr1.modeling.ms_deform_attn import MSDeformAttn, ms_deform_attn_core_pytorch
 from segearthr1.modeling.pixel_decoder import MSDeformAttnPixelDecoder
-from segearthr1.modeling.vision_encoder import SwinEncoder
 
 REL_TOL = 5e-2
 MASK_AGREEMENT = 0.99
@@ -81,7 +83,7 @@ def test_deform_core_bf16_on_non_contiguous_value_views(batch):
 def test_msdeformattn_layer_low_precision_full_dims(dtype):
     """Full-size dims (256-d, 8 heads, 3 levels, 4 points) on small maps."""
     torch.manual_seed(0)
-    attn = MSDeformAttn(256, 3, 8, 4)
+    attn = MSDeformAttn.from_config(SegEarthR1Config())  # full-size dims
     with torch.no_grad():  # non-trivial offsets/weights (the reference init has zero weights)
         attn.sampling_offsets.weight.normal_(0, 0.05)
         attn.attention_weights.weight.normal_(0, 0.05)
@@ -99,9 +101,7 @@ def test_msdeformattn_layer_low_precision_full_dims(dtype):
 # ---------------------------------------------------------------------------------------------- modules
 def test_swin_bf16_golden_weights(reference, device):
     fx = reference("swin.pt")
-    enc = SwinEncoder(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=12, drop_path_rate=0.0)
-    enc.load_state_dict(fx["state_dict"])
-    enc.eval()
+    enc = fixture_encoder(fx)
     x = fx["x1"].to(device)  # 200x264: every padding path
     with torch.no_grad():
         full = _cast(enc, torch.float32, device)(x)
@@ -114,7 +114,7 @@ def test_swin_bf16_golden_weights(reference, device):
 def test_swin_b_dims_bf16():
     """Swin-B widths and window 12 (the released encoder) on a small, odd-sized image."""
     torch.manual_seed(0)
-    enc = SwinEncoder(depths=(2, 2, 2, 2), drop_path_rate=0.0).eval()
+    enc = encoder(depths=(2, 2, 2, 2), drop_path_rate=0.0).eval()
     x = torch.randn(1, 3, 200, 232)
     with torch.no_grad():
         ref = enc(x)
@@ -125,7 +125,7 @@ def test_swin_b_dims_bf16():
 
 def test_connector_bf16_golden_weights(reference, device):
     fx = reference("connector.pt")
-    con = build_connector("sparse_conv", 64, 48, 32)
+    con = build_connector(connector_config("sparse_conv", 64, 48, 32))
     con.load_state_dict(fx["state_dict"])
     x = fx["x"].to(device)
     with torch.no_grad():
@@ -137,8 +137,8 @@ def test_connector_bf16_golden_weights(reference, device):
 def test_description_projector_bf16_golden_weights(reference, device):
     fx = reference("description_projector.pt")
     cfg = fx["meta"]["config"]
-    perceiver = PerceiverResampler(dim=cfg["dim"], depth=cfg["depth"], dim_head=cfg["dim_head"], heads=cfg["heads"],
-                                   ff_mult=cfg["ff_mult"]).eval()
+    perceiver = PerceiverResampler(dim=cfg["dim"], depth=cfg["depth"], dim_head=cfg["dim_head"],
+                                   num_heads=cfg["heads"], ff_mult=cfg["ff_mult"]).eval()
     perceiver.load_state_dict(fx["state_dict"])
     latents, x = on(device, fx["latents"], fx["x"])
     with torch.no_grad():
@@ -150,7 +150,7 @@ def test_description_projector_bf16_golden_weights(reference, device):
 def test_description_projector_full_dims_bf16():
     """Phi-1.5 width (2048) into the released 512-d projector, with variable-length descriptions."""
     torch.manual_seed(0)
-    proj = DescriptionProjector(llm_hidden_size=2048, visual_channels=1024).eval()
+    proj = DescriptionProjector.from_config(SegEarthR1Config()).eval()
     hidden = torch.randn(2, 40, 2048)
     mask = torch.zeros(2, 40, dtype=torch.bool)
     mask[0, 5:17] = True
@@ -182,8 +182,7 @@ def test_pixel_decoder_bf16_golden_weights(reference, device):
 def test_pixel_decoder_full_dims_bf16():
     """The released pixel decoder's dims (256-d, 6 deformable layers, FFN 1024) on a 128² image's maps."""
     torch.manual_seed(0)
-    dec = MSDeformAttnPixelDecoder({"res2": 128, "res3": 256, "res4": 512, "res5": 1024},
-                                   {"res2": 4, "res3": 8, "res4": 16, "res5": 32}).eval()
+    dec = MSDeformAttnPixelDecoder.from_config(SegEarthR1Config()).eval()
     feats = {f"res{i}": torch.randn(1, c, 128 // 2 ** i, 128 // 2 ** i) for i, c in zip(range(2, 6), (128, 256, 512, 1024))}
     with torch.no_grad():
         ref = dec.forward_features(feats)

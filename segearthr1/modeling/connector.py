@@ -10,6 +10,8 @@ import logging
 import torch
 from torch import nn
 
+from ..configuration import SegEarthR1Config
+
 logger = logging.getLogger(__name__)
 
 
@@ -24,23 +26,31 @@ def _flatten_map(features: torch.Tensor) -> torch.Tensor:
     return features.flatten(2).transpose(1, 2)
 
 
-class SparseConvConnector(nn.Module):
+class _FromConfig:
+    """``from_config`` shared by the connectors: res5 width -> LLM width at the config's res5 size."""
+
+    @staticmethod
+    def _config_kwargs(config: SegEarthR1Config) -> dict:
+        return dict(in_channels=config.encoder_channels[-1], out_channels=config.llm_hidden_size,
+                    feature_size=config.feature_sizes[-1])
+
+    @classmethod
+    def from_config(cls, config: SegEarthR1Config) -> nn.Module:
+        return cls(**cls._config_kwargs(config))
+
+
+class SparseConvConnector(_FromConfig, nn.Module):
     """conv(k, s) -> LN[C, s1, s1] -> conv(k, s) -> LN[C, s2, s2] -> 1x1 conv -> s2*s2 tokens.
 
     The LayerNorms normalise over the whole map with a per-position affine, so their shapes are part
     of the checkpoint and the input map must be exactly ``feature_size`` x ``feature_size``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, feature_size: int = 32, kernel_size: int = 3,
-                 stride: int = 2):
+    def __init__(self, *, in_channels: int, out_channels: int, feature_size: int, kernel_size: int, stride: int):
         super().__init__()
-        padding = kernel_size // 2
+        padding = kernel_size // 2  # keeps every side >= 1, whatever the kernel and stride
         s1 = _conv_out_size(feature_size, kernel_size, stride, padding)
         s2 = _conv_out_size(s1, kernel_size, stride, padding)
-        if s2 < 1:
-            raise ValueError(f"SparseConvConnector: feature_size={feature_size} is too small for "
-                             f"kernel_size={kernel_size}, stride={stride} (two convs leave {s2} positions); "
-                             "use a larger input image or a smaller stride")
         self.feature_size = feature_size
         self.proj1 = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding)
         self.norm1 = nn.LayerNorm([out_channels, s1, s1])
@@ -48,6 +58,11 @@ class SparseConvConnector(nn.Module):
         self.norm2 = nn.LayerNorm([out_channels, s2, s2])
         self.fc = nn.Conv2d(out_channels, out_channels, 1, 1)
         self._num_tokens = s2 * s2
+
+    @staticmethod
+    def _config_kwargs(config: SegEarthR1Config) -> dict:
+        return dict(_FromConfig._config_kwargs(config), kernel_size=config.connector.kernel_size,
+                    stride=config.connector.stride)
 
     def num_tokens(self, feature_size: int | None = None) -> int:
         """Visual tokens produced; only ``self.feature_size`` is a valid input size."""
@@ -66,7 +81,7 @@ class SparseConvConnector(nn.Module):
         return _flatten_map(self.fc(x))
 
 
-class _PerPositionTokens:
+class _PerPositionTokens(_FromConfig):
     """Mixin for connectors that emit one token per res5 position (no compression)."""
 
     feature_size: int
@@ -83,7 +98,7 @@ class _PerPositionTokens:
 class LinearConnector(_PerPositionTokens, nn.Linear):
     """One Linear per res5 position; parameter names ``weight``/``bias`` like the reference's bare nn.Linear."""
 
-    def __init__(self, in_channels: int, out_channels: int, feature_size: int = 32):
+    def __init__(self, *, in_channels: int, out_channels: int, feature_size: int):
         super().__init__(in_channels, out_channels)
         self.feature_size = feature_size
 
@@ -91,44 +106,32 @@ class LinearConnector(_PerPositionTokens, nn.Linear):
 class MLPGeluConnector(_PerPositionTokens, nn.Sequential):
     """``mlp2x_gelu``: Linear -> GELU -> Linear per res5 position (names ``0.*``, ``2.*``)."""
 
-    def __init__(self, in_channels: int, out_channels: int, feature_size: int = 32):
+    def __init__(self, *, in_channels: int, out_channels: int, feature_size: int):
         super().__init__(nn.Linear(in_channels, out_channels), nn.GELU(), nn.Linear(out_channels, out_channels))
         self.feature_size = feature_size
 
 
 class IdentityConnector(_PerPositionTokens, nn.Module):
-    """Flattened res5 map as tokens; only valid when the encoder width equals the LLM width."""
+    """Flattened res5 map as tokens; only valid when the encoder width equals the LLM width (the
+    config checks it)."""
 
-    def __init__(self, in_channels: int, out_channels: int, feature_size: int = 32):
+    def __init__(self, *, in_channels: int, out_channels: int, feature_size: int):
         super().__init__()
-        if in_channels != out_channels:
-            raise ValueError(f"identity connector needs in_channels == out_channels; got {in_channels} -> "
-                             f"{out_channels}. Pick another connector (e.g. 'linear') or match the widths")
         self.feature_size = feature_size
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return _flatten_map(features)
 
 
+# Keyed by configuration.CONNECTOR_KINDS, which the config validates `connector.kind` against.
 CONNECTORS: dict[str, type[nn.Module]] = {
     "sparse_conv": SparseConvConnector,
     "linear": LinearConnector,
     "mlp2x_gelu": MLPGeluConnector,
     "identity": IdentityConnector,
 }
-# Names the reference uses for ``mm_projector_type`` -> our registry keys.
-REFERENCE_CONNECTOR_NAMES: dict[str, str] = {
-    "SparseConv_1": "sparse_conv",
-    "linear": "linear",
-    "mlp2x_gelu": "mlp2x_gelu",
-    "identity": "identity",
-}
 
 
-def build_connector(kind: str, in_channels: int, out_channels: int, feature_size: int) -> nn.Module:
-    """Build a connector by our name or the reference's name."""
-    key = REFERENCE_CONNECTOR_NAMES.get(kind, kind)
-    if key not in CONNECTORS:
-        choices = sorted(set(CONNECTORS) | set(REFERENCE_CONNECTOR_NAMES))
-        raise ValueError(f"unknown connector kind {kind!r}; expected one of {choices}")
-    return CONNECTORS[key](in_channels, out_channels, feature_size=feature_size)
+def build_connector(config: SegEarthR1Config) -> nn.Module:
+    """The connector `config.connector.kind` names (the config has already mapped reference names)."""
+    return CONNECTORS[config.connector.kind].from_config(config)

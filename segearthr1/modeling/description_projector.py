@@ -17,18 +17,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-logger = logging.getLogger(__name__)
+from ..configuration import SegEarthR1Config
 
-PROJECTOR_KINDS = ("perceiver", "none")
+logger = logging.getLogger(__name__)
 
 
 class PerceiverAttention(nn.Module):
     """Latents attend to (media tokens + first latent); no biases, max-subtracted softmax."""
 
-    def __init__(self, dim: int, dim_head: int, heads: int):
+    def __init__(self, *, dim: int, dim_head: int, num_heads: int):
         super().__init__()
-        inner = dim_head * heads
-        self.heads = heads
+        inner = dim_head * num_heads
+        self.num_heads = num_heads
         self.dim_head = dim_head
         self.norm_media = nn.LayerNorm(dim)
         self.norm_latents = nn.LayerNorm(dim)
@@ -39,8 +39,8 @@ class PerceiverAttention(nn.Module):
     def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
         """[b, T, n, h*d] -> [b*T, h, n, d]."""
         b, frames, n, _ = t.shape
-        return t.view(b, frames, n, self.heads, self.dim_head).permute(0, 1, 3, 2, 4).reshape(
-            b * frames, self.heads, n, self.dim_head)
+        return t.view(b, frames, n, self.num_heads, self.dim_head).permute(0, 1, 3, 2, 4).reshape(
+            b * frames, self.num_heads, n, self.dim_head)
 
     def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         b, frames, n, _ = latents.shape
@@ -50,7 +50,7 @@ class PerceiverAttention(nn.Module):
         k, v = self.to_kv(torch.cat([x, latents[:, :, 0:1]], dim=-2)).chunk(2, dim=-1)
         # softmax(q k^T / sqrt(d)) v; SDPA's softmax is max-subtracted like the reference's explicit one.
         out = F.scaled_dot_product_attention(self._split_heads(q), self._split_heads(k), self._split_heads(v))
-        out = out.view(b, frames, self.heads, n, self.dim_head).permute(0, 1, 3, 2, 4).reshape(b, frames, n, -1)
+        out = out.view(b, frames, self.num_heads, n, self.dim_head).permute(0, 1, 3, 2, 4).reshape(b, frames, n, -1)
         return self.to_out(out)
 
 
@@ -64,12 +64,11 @@ def _feed_forward(dim: int, mult: float) -> nn.Sequential:
 class PerceiverResampler(nn.Module):
     """Stack of (PerceiverAttention, FF) residual layers; returns ``norm(latents)[:, 0, 0:1]`` -> [b, 1, D]."""
 
-    def __init__(self, dim: int = 512, depth: int = 1, dim_head: int = 64, heads: int = 8, ff_mult: float = 1):
+    def __init__(self, *, dim: int, depth: int, dim_head: int, num_heads: int, ff_mult: float):
         super().__init__()
-        if depth < 1:
-            raise ValueError(f"PerceiverResampler depth={depth}; expected >= 1 (use kind='none' to disable it)")
         self.layers = nn.ModuleList([
-            nn.ModuleList([PerceiverAttention(dim, dim_head, heads), _feed_forward(dim, ff_mult)])
+            nn.ModuleList([PerceiverAttention(dim=dim, dim_head=dim_head, num_heads=num_heads),
+                           _feed_forward(dim, ff_mult)])
             for _ in range(depth)
         ])
         self.norm = nn.LayerNorm(dim)
@@ -109,14 +108,12 @@ class DescriptionProjector(nn.Module):
     """LLM description states (+ res5 visual tokens) -> one mask-decoder query [B, 1, out_dim].
 
     ``kind="perceiver"`` is the reference; ``kind="none"`` (ablation) maps the pooled description
-    with a single Linear(H -> out_dim).
+    with a single Linear(H -> out_dim). Sizes and their checks: ``DescriptionProjectorConfig``.
     """
 
-    def __init__(self, llm_hidden_size: int, visual_channels: int, dim: int = 512, out_dim: int = 256,
-                 depth: int = 1, heads: int = 8, dim_head: int = 64, ff_mult: float = 1, kind: str = "perceiver"):
+    def __init__(self, *, llm_hidden_size: int, visual_channels: int, dim: int, out_dim: int, depth: int,
+                 num_heads: int, dim_head: int, ff_mult: float, kind: str):
         super().__init__()
-        if kind not in PROJECTOR_KINDS:
-            raise ValueError(f"DescriptionProjector kind={kind!r}; expected one of {PROJECTOR_KINDS}")
         self.kind = kind
         self.visual_channels = visual_channels
         if kind == "none":
@@ -126,7 +123,16 @@ class DescriptionProjector(nn.Module):
         self.origin_SEG_token_projector = nn.Linear(llm_hidden_size, dim)
         self.local_project = nn.Linear(visual_channels, dim)
         self.SEG_token_projector = nn.Linear(2 * dim, out_dim)
-        self.d_layers = PerceiverResampler(dim=dim, depth=depth, dim_head=dim_head, heads=heads, ff_mult=ff_mult)
+        self.d_layers = PerceiverResampler(dim=dim, depth=depth, dim_head=dim_head, num_heads=num_heads,
+                                           ff_mult=ff_mult)
+
+    @classmethod
+    def from_config(cls, config: SegEarthR1Config) -> DescriptionProjector:
+        """LLM width + res5 width in, the mask decoder's width out (one query per sample)."""
+        dp = config.description_projector
+        return cls(llm_hidden_size=config.llm_hidden_size, visual_channels=config.encoder_channels[-1], dim=dp.dim,
+                   out_dim=config.mask_decoder.hidden_dim, depth=dp.depth, num_heads=dp.num_heads,
+                   dim_head=dp.dim_head, ff_mult=dp.ff_mult, kind=dp.kind)
 
     def forward(self, hidden_states: torch.Tensor, description_mask: torch.Tensor,
                 visual_features: torch.Tensor | None = None) -> torch.Tensor:

@@ -16,13 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segearthr1.configuration import DECODER_FEATURE_LEVELS, SegEarthR1Config
 from segearthr1.modeling.outputs import MaskDecoderOutput
 from segearthr1.modeling.pixel_decoder import c2_xavier_fill
 from segearthr1.modeling.position_encoding import PositionEmbeddingSine
 
 logger = logging.getLogger(__name__)
-
-QUERY_MODES = ("description", "learned")
 
 # Exist for checkpoint compatibility; take no part in the computation in the default
 # ("description") mode, so they never receive a gradient. In "learned" mode query_feat,
@@ -50,6 +49,12 @@ UNUSED_PARAMETERS = (
 
 # Sigmoid probability below which a memory position is hidden from the query (Mask2Former).
 MASK_THRESHOLD = 0.5
+# The reference's transformer decoder builds every layer with dropout 0 (MASK_FORMER.DROPOUT only
+# reaches the pixel decoder), so the decoder has no dropout switch.
+DECODER_DROPOUT = 0.0
+# Layers of the mask-embedding MLP and of the learned-query scoring MLPs (fixed by the checkpoint).
+MASK_EMBED_LAYERS = 3
+SEG_PROJ_LAYERS = 2
 
 
 def _xavier_matrices(module: nn.Module) -> None:
@@ -62,10 +67,9 @@ def _xavier_matrices(module: nn.Module) -> None:
 class SelfAttentionLayer(nn.Module):
     """Self-attention among the queries with add & LayerNorm (post-norm unless pre_norm)."""
 
-    def __init__(self, d_model: int, nhead: int, dropout: float = 0.0, pre_norm: bool = False,
-                 sdpa: bool = False) -> None:
+    def __init__(self, *, d_model: int, num_heads: int, dropout: float, pre_norm: bool, sdpa: bool) -> None:
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
+        self.self_attn = nn.MultiheadAttention(d_model, num_heads, dropout=dropout)
         self.norm = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
         self.pre_norm = pre_norm
@@ -84,10 +88,9 @@ class SelfAttentionLayer(nn.Module):
 class CrossAttentionLayer(nn.Module):
     """Masked cross-attention from the queries to one memory level, with add & LayerNorm."""
 
-    def __init__(self, d_model: int, nhead: int, dropout: float = 0.0, pre_norm: bool = False,
-                 sdpa: bool = False) -> None:
+    def __init__(self, *, d_model: int, num_heads: int, dropout: float, pre_norm: bool, sdpa: bool) -> None:
         super().__init__()
-        self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
+        self.multihead_attn = nn.MultiheadAttention(d_model, num_heads, dropout=dropout)
         self.norm = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
         self.pre_norm = pre_norm
@@ -113,7 +116,7 @@ class CrossAttentionLayer(nn.Module):
 class FFNLayer(nn.Module):
     """ReLU feed-forward block with add & LayerNorm."""
 
-    def __init__(self, d_model: int, dim_feedforward: int, dropout: float = 0.0, pre_norm: bool = False) -> None:
+    def __init__(self, *, d_model: int, dim_feedforward: int, dropout: float, pre_norm: bool) -> None:
         super().__init__()
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.dropout = nn.Dropout(dropout)
@@ -159,44 +162,37 @@ class MaskDecoder(nn.Module):
 
     def __init__(
         self,
-        in_channels: int = 256,
-        hidden_dim: int = 256,
-        num_queries: int = 100,
-        nheads: int = 8,
-        dim_feedforward: int = 2048,
-        num_layers: int = 9,
-        mask_dim: int = 256,
-        pre_norm: bool = False,
-        num_feature_levels: int = 3,
-        enforce_input_project: bool = False,
-        query_mode: str = "description",
-        sdpa_attention: bool = False,
+        *,
+        in_channels: int,
+        hidden_dim: int,
+        num_queries: int,
+        num_heads: int,
+        dim_feedforward: int,
+        num_layers: int,
+        mask_dim: int,
+        pre_norm: bool,
+        num_feature_levels: int,
+        enforce_input_project: bool,
+        query_mode: str,
+        sdpa_attention: bool,
     ) -> None:
         super().__init__()
-        if query_mode not in QUERY_MODES:
-            raise ValueError(f"MaskDecoder: query_mode={query_mode!r} is not one of {QUERY_MODES}")
-        if hidden_dim % nheads or hidden_dim % 4:
-            raise ValueError(
-                f"MaskDecoder: hidden_dim={hidden_dim} must be divisible by nheads={nheads} and by 4 (sine position code)"
-            )
-        if num_layers < 1:
-            raise ValueError(f"MaskDecoder: num_layers={num_layers} must be >= 1 (number of decoder layers built)")
+        # Widths, head divisibility, layer count and query_mode are checked by MaskDecoderConfig.
         self.hidden_dim = hidden_dim
-        self.num_heads = nheads
+        self.num_heads = num_heads
         self.num_layers = num_layers
         self.num_queries = num_queries
         self.num_feature_levels = num_feature_levels
         self.query_mode = query_mode
-        self.pe_layer = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
+        self.pe_layer = PositionEmbeddingSine(num_pos_feats=hidden_dim // 2, normalize=True)
 
-        self.transformer_self_attention_layers = nn.ModuleList(
-            SelfAttentionLayer(hidden_dim, nheads, pre_norm=pre_norm, sdpa=sdpa_attention) for _ in range(num_layers)
-        )
-        self.transformer_cross_attention_layers = nn.ModuleList(
-            CrossAttentionLayer(hidden_dim, nheads, pre_norm=pre_norm, sdpa=sdpa_attention) for _ in range(num_layers)
-        )
+        attn = dict(d_model=hidden_dim, num_heads=num_heads, dropout=DECODER_DROPOUT, pre_norm=pre_norm,
+                    sdpa=sdpa_attention)
+        self.transformer_self_attention_layers = nn.ModuleList(SelfAttentionLayer(**attn) for _ in range(num_layers))
+        self.transformer_cross_attention_layers = nn.ModuleList(CrossAttentionLayer(**attn) for _ in range(num_layers))
         self.transformer_ffn_layers = nn.ModuleList(
-            FFNLayer(hidden_dim, dim_feedforward, pre_norm=pre_norm) for _ in range(num_layers)
+            FFNLayer(d_model=hidden_dim, dim_feedforward=dim_feedforward, dropout=DECODER_DROPOUT, pre_norm=pre_norm)
+            for _ in range(num_layers)
         )
         self.decoder_norm = nn.LayerNorm(hidden_dim)
         self.query_feat = nn.Embedding(num_queries, hidden_dim)
@@ -212,9 +208,19 @@ class MaskDecoder(nn.Module):
                 self.input_proj.append(proj)
             else:
                 self.input_proj.append(nn.Identity())
-        self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
-        self.SEG_proj = MLP(hidden_dim, hidden_dim, hidden_dim, 2)
-        self.CLASS_proj = MLP(hidden_dim, hidden_dim, hidden_dim, 2)
+        self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, MASK_EMBED_LAYERS)
+        self.SEG_proj = MLP(hidden_dim, hidden_dim, hidden_dim, SEG_PROJ_LAYERS)
+        self.CLASS_proj = MLP(hidden_dim, hidden_dim, hidden_dim, SEG_PROJ_LAYERS)
+
+    @classmethod
+    def from_config(cls, config: SegEarthR1Config) -> MaskDecoder:
+        """The decoder `config.mask_decoder` describes, reading the pixel decoder's maps and embeddings."""
+        md, pd = config.mask_decoder, config.pixel_decoder
+        return cls(in_channels=pd.conv_dim, hidden_dim=md.hidden_dim, num_queries=md.num_queries,
+                   num_heads=md.num_heads, dim_feedforward=md.dim_feedforward, num_layers=md.num_layers,
+                   mask_dim=pd.mask_dim, pre_norm=md.pre_norm, num_feature_levels=DECODER_FEATURE_LEVELS,
+                   enforce_input_project=md.enforce_input_project, query_mode=md.query,
+                   sdpa_attention=md.sdpa_attention)
 
     def _prediction_heads(self, output, mask_features, target_size, description):
         """output [Q, B, C] -> (mask logits [B, Q, h, w], blocked-attention mask [B*heads, Q, h_t*w_t], seg logits)."""

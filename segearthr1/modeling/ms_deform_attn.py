@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segearthr1.configuration import DEFORM_ATTN_IMPLS as IMPLS
+from segearthr1.configuration import SegEarthR1Config
 from segearthr1.errors import DependencyNotFoundError
 
 logger = logging.getLogger(__name__)
@@ -217,34 +217,38 @@ class MSDeformAttn(nn.Module):
 
     ``sampling_offsets`` output features are ordered (head, level, point, xy) and are divided by
     (W, H) of their level; ``attention_weights`` are softmax-normalised over levels*points per head.
+    ``d_model % num_heads == 0`` and the ``impl`` name are checked by ``PixelDecoderConfig``.
     """
 
-    def __init__(self, d_model: int = 256, n_levels: int = 3, n_heads: int = 8, n_points: int = 4, impl: str = "pytorch") -> None:
+    def __init__(self, *, d_model: int, num_levels: int, num_heads: int, num_points: int, impl: str) -> None:
         super().__init__()
-        if d_model % n_heads:
-            raise ValueError(f"MSDeformAttn: d_model={d_model} is not divisible by n_heads={n_heads}; pick a divisor")
-        if impl not in IMPLS:
-            raise ValueError(f"MSDeformAttn: impl={impl!r} is not one of {IMPLS}")
         self.d_model = d_model
-        self.n_levels = n_levels
-        self.n_heads = n_heads
-        self.n_points = n_points
+        self.num_levels = num_levels
+        self.num_heads = num_heads
+        self.num_points = num_points
         self.impl = impl
-        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
-        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.sampling_offsets = nn.Linear(d_model, num_heads * num_levels * num_points * 2)
+        self.attention_weights = nn.Linear(d_model, num_heads * num_levels * num_points)
         self.value_proj = nn.Linear(d_model, d_model)
         self.output_proj = nn.Linear(d_model, d_model)
         self._reset_parameters()
+
+    @classmethod
+    def from_config(cls, config: SegEarthR1Config) -> MSDeformAttn:
+        """One layer of the pixel decoder's deformable encoder (`config.pixel_decoder`)."""
+        pd = config.pixel_decoder
+        return cls(d_model=pd.conv_dim, num_levels=len(pd.transformer_in_features), num_heads=pd.num_heads,
+                   num_points=pd.num_points, impl=pd.deform_attn_impl)
 
     def _reset_parameters(self) -> None:
         """Deformable-DETR init: zero offset weights, offsets start on a radial grid (head h points at
         angle 2*pi*h/heads, point p at distance p+1), uniform attention, xavier projections."""
         nn.init.constant_(self.sampling_offsets.weight, 0.0)
-        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        thetas = torch.arange(self.num_heads, dtype=torch.float32) * (2.0 * math.pi / self.num_heads)
         grid = torch.stack([thetas.cos(), thetas.sin()], -1)
-        grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(self.n_heads, 1, 1, 2)
-        grid = grid.repeat(1, self.n_levels, self.n_points, 1)
-        grid = grid * torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(self.num_heads, 1, 1, 2)
+        grid = grid.repeat(1, self.num_levels, self.num_points, 1)
+        grid = grid * torch.arange(1, self.num_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
         with torch.no_grad():
             self.sampling_offsets.bias.copy_(grid.reshape(-1))
         nn.init.constant_(self.attention_weights.weight, 0.0)
@@ -274,17 +278,17 @@ class MSDeformAttn(nn.Module):
         """
         batch, queries, _ = query.shape
         shapes = [(int(h), int(w)) for h, w in spatial_shapes]
-        if len(shapes) != self.n_levels:
-            raise ValueError(f"MSDeformAttn: got {len(shapes)} levels {shapes}, built for n_levels={self.n_levels}")
+        if len(shapes) != self.num_levels:
+            raise ValueError(f"MSDeformAttn: got {len(shapes)} levels {shapes}, built for num_levels={self.num_levels}")
         if reference_points.shape[-1] != 2:
             raise ValueError(
                 f"MSDeformAttn: reference_points must end in (x, y), got shape {tuple(reference_points.shape)}; "
                 "box reference points are not supported"
             )
-        value = self.value_proj(input_flatten).view(batch, input_flatten.shape[1], self.n_heads, self.d_model // self.n_heads)
-        offsets = self.sampling_offsets(query).view(batch, queries, self.n_heads, self.n_levels, self.n_points, 2)
-        weights = self.attention_weights(query).view(batch, queries, self.n_heads, self.n_levels * self.n_points)
-        weights = F.softmax(weights.float(), -1).view(batch, queries, self.n_heads, self.n_levels, self.n_points)
+        value = self.value_proj(input_flatten).view(batch, input_flatten.shape[1], self.num_heads, self.d_model // self.num_heads)
+        offsets = self.sampling_offsets(query).view(batch, queries, self.num_heads, self.num_levels, self.num_points, 2)
+        weights = self.attention_weights(query).view(batch, queries, self.num_heads, self.num_levels * self.num_points)
+        weights = F.softmax(weights.float(), -1).view(batch, queries, self.num_heads, self.num_levels, self.num_points)
         # Locations in float32 even for a bf16/fp16 model: bf16 cannot resolve half a pixel of a 128² map.
         normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32, device=offsets.device)
         locations = (reference_points.float()[:, :, None, :, None, :]

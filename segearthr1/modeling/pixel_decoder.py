@@ -14,14 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segearthr1.configuration import DECODER_FEATURE_LEVELS, FEATURE_NAMES, GROUP_NORM_GROUPS, SegEarthR1Config
 from segearthr1.modeling.ms_deform_attn import MSDeformAttn
 from segearthr1.modeling.outputs import PixelDecoderOutput
 from segearthr1.modeling.position_encoding import PositionEmbeddingSine
 
 logger = logging.getLogger(__name__)
-
-GROUP_NORM_GROUPS = 32  # GroupNorm(32, C) everywhere, as the reference
-NUM_DECODER_LEVELS = 3  # maps handed to the transformer decoder (Mask2Former's maskformer_num_feature_levels)
 
 
 def c2_xavier_fill(conv: nn.Conv2d) -> None:
@@ -34,9 +32,11 @@ def c2_xavier_fill(conv: nn.Conv2d) -> None:
 class MSDeformAttnEncoderLayer(nn.Module):
     """Post-norm encoder layer: deformable self-attention -> add & LN -> ReLU FFN -> add & LN."""
 
-    def __init__(self, d_model: int, ffn_dim: int, dropout: float, n_levels: int, n_heads: int, n_points: int, impl: str) -> None:
+    def __init__(self, *, d_model: int, ffn_dim: int, dropout: float, num_levels: int, num_heads: int, num_points: int,
+                 impl: str) -> None:
         super().__init__()
-        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, impl=impl)
+        self.self_attn = MSDeformAttn(d_model=d_model, num_levels=num_levels, num_heads=num_heads, num_points=num_points,
+                                      impl=impl)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, ffn_dim)
@@ -71,14 +71,13 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
     No padding mask: every level is fully valid (valid ratios 1), as in the reference pipeline.
     """
 
-    def __init__(
-        self, d_model: int, n_heads: int, n_points: int, ffn_dim: int, num_layers: int, dropout: float, n_levels: int, impl: str
-    ) -> None:
+    def __init__(self, *, d_model: int, num_heads: int, num_points: int, ffn_dim: int, num_layers: int, dropout: float,
+                 num_levels: int, impl: str) -> None:
         super().__init__()
-        self.level_embed = nn.Parameter(torch.empty(n_levels, d_model))
-        self.encoder = MSDeformAttnEncoder(
-            [MSDeformAttnEncoderLayer(d_model, ffn_dim, dropout, n_levels, n_heads, n_points, impl) for _ in range(num_layers)]
-        )
+        self.level_embed = nn.Parameter(torch.empty(num_levels, d_model))
+        layer = dict(d_model=d_model, ffn_dim=ffn_dim, dropout=dropout, num_levels=num_levels, num_heads=num_heads,
+                     num_points=num_points, impl=impl)
+        self.encoder = MSDeformAttnEncoder([MSDeformAttnEncoderLayer(**layer) for _ in range(num_layers)])
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
@@ -131,58 +130,29 @@ class MSDeformAttnPixelDecoder(nn.Module):
 
     def __init__(
         self,
+        *,
         input_channels: dict[str, int],
         input_strides: dict[str, int],
-        conv_dim: int = 256,
-        mask_dim: int = 256,
-        num_heads: int = 8,
-        num_points: int = 4,
-        ffn_dim: int = 1024,
-        num_encoder_layers: int = 6,
-        dropout: float = 0.0,
-        transformer_in_features: Sequence[str] = ("res3", "res4", "res5"),
-        common_stride: int = 4,
-        deform_attn_impl: str = "pytorch",
+        conv_dim: int,
+        mask_dim: int,
+        num_heads: int,
+        num_points: int,
+        ffn_dim: int,
+        num_encoder_layers: int,
+        dropout: float,
+        transformer_in_features: Sequence[str],
+        common_stride: int,
+        deform_attn_impl: str,
     ) -> None:
         super().__init__()
-        if set(input_channels) != set(input_strides):
-            raise ValueError(
-                f"MSDeformAttnPixelDecoder: input_channels keys {sorted(input_channels)} differ from input_strides keys "
-                f"{sorted(input_strides)}; give both for every feature"
-            )
-        missing = [f for f in transformer_in_features if f not in input_channels]
-        if missing:
-            raise ValueError(
-                f"MSDeformAttnPixelDecoder: transformer_in_features {missing} are not among the inputs {sorted(input_channels)}"
-            )
-        if conv_dim % GROUP_NORM_GROUPS or conv_dim % num_heads or conv_dim % 4:
-            raise ValueError(
-                f"MSDeformAttnPixelDecoder: conv_dim={conv_dim} must be divisible by {GROUP_NORM_GROUPS} (GroupNorm), "
-                f"num_heads={num_heads} and 4 (sine position code)"
-            )
+        # The rules between these arguments (levels, strides, widths) are checked by SegEarthR1Config.
         # Everything sorted fine -> coarse by stride; the encoder consumes the levels coarse -> fine.
         self.in_features = sorted(input_channels, key=lambda k: input_strides[k])
         self.transformer_in_features = sorted(transformer_in_features, key=lambda k: input_strides[k])
         self.num_levels = len(self.transformer_in_features)
-        if self.num_levels < NUM_DECODER_LEVELS:
-            raise ValueError(
-                f"MSDeformAttnPixelDecoder: {self.num_levels} transformer levels {self.transformer_in_features}, the mask "
-                f"decoder needs {NUM_DECODER_LEVELS}; add levels to transformer_in_features"
-            )
         min_stride = input_strides[self.transformer_in_features[0]]
-        num_fpn = math.log2(min_stride / common_stride)
-        if num_fpn < 0 or num_fpn != int(num_fpn):
-            raise ValueError(
-                f"MSDeformAttnPixelDecoder: finest encoder stride {min_stride} is not common_stride={common_stride} "
-                "times a power of two; change common_stride or transformer_in_features"
-            )
-        self.num_fpn_levels = int(num_fpn)
+        self.num_fpn_levels = int(math.log2(min_stride // common_stride))
         fpn_features = self.in_features[: self.num_fpn_levels]
-        if len(fpn_features) < self.num_fpn_levels or any(f in self.transformer_in_features for f in fpn_features):
-            raise ValueError(
-                f"MSDeformAttnPixelDecoder: {self.num_fpn_levels} FPN level(s) needed below stride {min_stride} but the "
-                f"finer inputs are {fpn_features}; provide the stride-{common_stride} features"
-            )
         self.common_stride = common_stride
 
         self.input_proj = nn.ModuleList(
@@ -193,9 +163,10 @@ class MSDeformAttnPixelDecoder(nn.Module):
             nn.init.xavier_uniform_(proj[0].weight, gain=1)
             nn.init.constant_(proj[0].bias, 0)
         self.transformer = MSDeformAttnTransformerEncoderOnly(
-            conv_dim, num_heads, num_points, ffn_dim, num_encoder_layers, dropout, self.num_levels, deform_attn_impl
+            d_model=conv_dim, num_heads=num_heads, num_points=num_points, ffn_dim=ffn_dim,
+            num_layers=num_encoder_layers, dropout=dropout, num_levels=self.num_levels, impl=deform_attn_impl,
         )
-        self.pe_layer = PositionEmbeddingSine(conv_dim // 2, normalize=True)
+        self.pe_layer = PositionEmbeddingSine(num_pos_feats=conv_dim // 2, normalize=True)
         self.mask_features = nn.Conv2d(conv_dim, mask_dim, kernel_size=1)
         c2_xavier_fill(self.mask_features)
         # adapter_k / layer_k, k = 1 for the finest input; applied coarse -> fine in forward.
@@ -215,6 +186,19 @@ class MSDeformAttnPixelDecoder(nn.Module):
             self.add_module(f"adapter_{k}", lateral)
             self.add_module(f"layer_{k}", output)
         self._fpn_features = fpn_features
+
+    @classmethod
+    def from_config(cls, config: SegEarthR1Config) -> MSDeformAttnPixelDecoder:
+        """The pixel decoder `config.pixel_decoder` describes, on the encoder maps `config.vision` gives."""
+        pd = config.pixel_decoder
+        return cls(
+            input_channels=dict(zip(FEATURE_NAMES, config.encoder_channels)),
+            input_strides=dict(zip(FEATURE_NAMES, config.encoder_strides)),
+            conv_dim=pd.conv_dim, mask_dim=pd.mask_dim, num_heads=pd.num_heads, num_points=pd.num_points,
+            ffn_dim=pd.ffn_dim, num_encoder_layers=pd.num_encoder_layers, dropout=pd.dropout,
+            transformer_in_features=pd.transformer_in_features, common_stride=pd.common_stride,
+            deform_attn_impl=pd.deform_attn_impl,
+        )
 
     def forward_features(self, features: dict[str, torch.Tensor]) -> PixelDecoderOutput:
         """features: name -> [B, C_in, H/stride, W/stride] (must hold every configured input)."""
@@ -240,7 +224,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         return PixelDecoderOutput(
             mask_features=self.mask_features(out),
             transformer_encoder_features=maps[0],
-            multi_scale_features=maps[:NUM_DECODER_LEVELS],
+            multi_scale_features=maps[:DECODER_FEATURE_LEVELS],
         )
 
     def forward(self, features: dict[str, torch.Tensor]) -> PixelDecoderOutput:

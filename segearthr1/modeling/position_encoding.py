@@ -8,6 +8,11 @@ from torch import nn
 
 # Cached grids are keyed by (H, W, device, dtype); a handful of sizes occur per model, bound it anyway.
 _MAX_CACHE_ENTRIES = 32
+# DETR / Mask2Former constants: longest wavelength, the range normalised positions are scaled to, and
+# the epsilon of the normalisation (the reference's values; no model varies them).
+TEMPERATURE = 10000.0
+SCALE = 2 * math.pi
+EPS = 1e-6
 
 
 class PositionEmbeddingSine(nn.Module):
@@ -18,25 +23,11 @@ class PositionEmbeddingSine(nn.Module):
     with no padding mask. The maths runs in float32 (as the reference) and is cast to ``x.dtype``.
     """
 
-    def __init__(
-        self,
-        num_pos_feats: int,
-        temperature: float = 10000.0,
-        normalize: bool = True,
-        scale: float | None = 2 * math.pi,
-        eps: float = 1e-6,
-    ) -> None:
+    def __init__(self, *, num_pos_feats: int, normalize: bool) -> None:
         super().__init__()
-        if num_pos_feats <= 0 or num_pos_feats % 2:
-            raise ValueError(
-                f"PositionEmbeddingSine: num_pos_feats={num_pos_feats} must be a positive even number "
-                "(sin/cos pairs); use half of an even channel count"
-            )
+        # num_pos_feats is half a channel width; the config checks those widths are multiples of 4.
         self.num_pos_feats = num_pos_feats
-        self.temperature = temperature
         self.normalize = normalize
-        self.scale = 2 * math.pi if scale is None else scale
-        self.eps = eps
         self._cache: dict[tuple, torch.Tensor] = {}
 
     def _grid(self, height: int, width: int, device: torch.device) -> torch.Tensor:
@@ -45,10 +36,10 @@ class PositionEmbeddingSine(nn.Module):
         x_embed = torch.arange(1, width + 1, dtype=torch.float32, device=device)[None, :].expand(height, width)
         if self.normalize:
             # Same expression as the reference: cumsum / (last cumsum + eps) * scale.
-            y_embed = y_embed / (y_embed[-1:, :] + self.eps) * self.scale
-            x_embed = x_embed / (x_embed[:, -1:] + self.eps) * self.scale
+            y_embed = y_embed / (y_embed[-1:, :] + EPS) * SCALE
+            x_embed = x_embed / (x_embed[:, -1:] + EPS) * SCALE
         dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=device)
-        dim_t = self.temperature ** (2 * (dim_t // 2) / self.num_pos_feats)
+        dim_t = TEMPERATURE ** (2 * (dim_t // 2) / self.num_pos_feats)
         pos_x = x_embed[:, :, None] / dim_t
         pos_y = y_embed[:, :, None] / dim_t
         pos_x = torch.stack((pos_x[:, :, 0::2].sin(), pos_x[:, :, 1::2].cos()), dim=3).flatten(2)

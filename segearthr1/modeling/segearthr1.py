@@ -91,41 +91,17 @@ class SegEarthR1ForReasoningSegmentation(SegEarthR1PreTrainedModel):
 
     def __init__(self, config: SegEarthR1Config):
         super().__init__(config)
-        vc = config.vision
-        self.vision_encoder = SwinEncoder(
-            embed_dim=vc.embed_dim, depths=tuple(vc.depths), num_heads=tuple(vc.num_heads),
-            window_size=vc.window_size, mlp_ratio=vc.mlp_ratio, drop_path_rate=vc.drop_path_rate,
-            patch_size=vc.patch_size)
-        channels = config.encoder_channels
-        hidden = config.llm_hidden_size
-        self.connector = build_connector(config.connector.kind, channels[-1], hidden, config.feature_sizes[-1])
+        # Each module reads its sizes from the config (the one place of defaults and rules).
+        self.vision_encoder = SwinEncoder.from_config(config)
+        self.connector = build_connector(config)
         self.language_model = self._build_language_model(config)
         if config.lora.enabled:
             self.language_model = apply_lora(self.language_model, config.lora)
-        dp = config.description_projector
-        self.description_projector = DescriptionProjector(
-            llm_hidden_size=hidden, visual_channels=channels[-1], dim=dp.dim, out_dim=config.mask_decoder.hidden_dim,
-            depth=dp.depth, heads=dp.heads, dim_head=dp.dim_head, ff_mult=dp.ff_mult, kind=dp.kind)
-        pd = config.pixel_decoder
-        names = ("res2", "res3", "res4", "res5")
-        self.pixel_decoder = MSDeformAttnPixelDecoder(
-            input_channels=dict(zip(names, channels)), input_strides=dict(zip(names, (4, 8, 16, 32))),
-            conv_dim=pd.conv_dim, mask_dim=pd.mask_dim, num_heads=pd.num_heads, num_points=pd.num_points,
-            ffn_dim=pd.ffn_dim, num_encoder_layers=pd.num_encoder_layers, dropout=pd.dropout,
-            transformer_in_features=tuple(pd.transformer_in_features), common_stride=pd.common_stride,
-            deform_attn_impl=pd.deform_attn_impl)
-        md = config.mask_decoder
-        self.mask_decoder = MaskDecoder(
-            in_channels=pd.conv_dim, hidden_dim=md.hidden_dim, num_queries=md.num_queries, nheads=md.num_heads,
-            dim_feedforward=md.dim_feedforward, num_layers=md.num_layers, mask_dim=pd.mask_dim,
-            pre_norm=md.pre_norm, num_feature_levels=len(pd.transformer_in_features),
-            enforce_input_project=md.enforce_input_project, query_mode=md.query, sdpa_attention=md.sdpa_attention)
-        lc = config.loss
-        self.criterion = MaskCriterion(
-            num_points=lc.num_points, oversample_ratio=lc.oversample_ratio,
-            importance_sample_ratio=lc.importance_sample_ratio, mask_weight=lc.mask_weight,
-            dice_weight=lc.dice_weight, class_weight=lc.class_weight)
-        if vc.frozen:
+        self.description_projector = DescriptionProjector.from_config(config)
+        self.pixel_decoder = MSDeformAttnPixelDecoder.from_config(config)
+        self.mask_decoder = MaskDecoder.from_config(config)
+        self.criterion = MaskCriterion.from_config(config)
+        if config.vision.frozen:
             self.vision_encoder.requires_grad_(False)
         # Optional per-stage instrumentation (segearthr1.perf.StageTimer): called with each stage's
         # output, returns it (possibly wrapped for backward timing). None costs nothing.

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 from collections.abc import Sequence
 
 import torch
@@ -20,24 +19,14 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..configuration import FEATURE_NAMES, IMAGE_CHANNELS, SegEarthR1Config
+
 logger = logging.getLogger(__name__)
 
 # Additive logit for token pairs from different regions of a shifted window (reference value).
 SHIFT_MASK_VALUE = -100.0
 # Std of the truncated-normal init of linear weights and relative-position tables (Swin default).
 INIT_STD = 0.02
-FEATURE_NAMES = ("res2", "res3", "res4", "res5")
-
-
-def swin_feature_sizes(image_size: int, patch_size: int = 4, num_stages: int = 4) -> list[int]:
-    """Spatial side of res2..res5 for a square ``image_size`` input (patch embed and merges round up)."""
-    if image_size <= 0 or patch_size <= 0:
-        raise ValueError(f"swin_feature_sizes got image_size={image_size}, patch_size={patch_size}; "
-                         "both must be positive integers")
-    sizes = [math.ceil(image_size / patch_size)]
-    for _ in range(num_stages - 1):
-        sizes.append(math.ceil(sizes[-1] / 2))
-    return sizes
 
 
 def _relative_position_index(window_size: int) -> torch.Tensor:
@@ -249,30 +238,17 @@ class SwinStage(nn.Module):
 class SwinEncoder(nn.Module):
     """Swin backbone returning ``{"res2".."res5"}`` NCHW maps, each through its own LayerNorm ``norm{i}``.
 
-    Defaults are Swin-B as used by SegEarth-R1 (DESIGN.md §2.2). Drop-path rates grow linearly over
-    all blocks from 0 to ``drop_path_rate`` and are active only in train mode.
+    Drop-path rates grow linearly over all blocks from 0 to ``drop_path_rate`` and are active only in
+    train mode. The numbers (Swin-B for SegEarth-R1, DESIGN.md §2.2) and their checks live in
+    ``VisionConfig``; build with :meth:`from_config`.
     """
 
-    def __init__(self, embed_dim: int = 128, depths: Sequence[int] = (2, 2, 18, 2),
-                 num_heads: Sequence[int] = (4, 8, 16, 32), window_size: int = 12, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True, drop_path_rate: float = 0.3, patch_size: int = 4, in_chans: int = 3,
-                 patch_norm: bool = True, use_checkpoint: bool = False):
+    def __init__(self, *, embed_dim: int, depths: Sequence[int], num_heads: Sequence[int], window_size: int,
+                 mlp_ratio: float, qkv_bias: bool, drop_path_rate: float, patch_size: int, in_chans: int,
+                 patch_norm: bool, use_checkpoint: bool):
         super().__init__()
         depths, num_heads = list(depths), list(num_heads)
-        if len(depths) != len(num_heads) or not depths:
-            raise ValueError(f"SwinEncoder got depths={depths} and num_heads={num_heads}; they must be "
-                             "non-empty and of equal length (one entry per stage)")
-        if len(depths) != len(FEATURE_NAMES):
-            raise ValueError(f"SwinEncoder got {len(depths)} stages (depths={depths}); expected "
-                             f"{len(FEATURE_NAMES)} to produce {FEATURE_NAMES}")
         channels = [embed_dim * 2 ** i for i in range(len(depths))]
-        for c, h in zip(channels, num_heads):
-            if c % h:
-                raise ValueError(f"SwinEncoder stage width {c} is not divisible by num_heads={h}; "
-                                 f"choose embed_dim/num_heads so that embed_dim*2**i % heads[i] == 0")
-        if window_size < 1 or not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f"SwinEncoder got window_size={window_size}, drop_path_rate={drop_path_rate}; "
-                             "expected window_size >= 1 and 0 <= drop_path_rate < 1")
         self.out_channels = channels
         self.out_strides = [patch_size * 2 ** i for i in range(len(depths))]
         self.patch_size = patch_size
@@ -290,6 +266,15 @@ class SwinEncoder(nn.Module):
         for i, c in enumerate(channels):
             self.add_module(f"norm{i}", nn.LayerNorm(c))
         self.apply(self._init_weights)
+
+    @classmethod
+    def from_config(cls, config: SegEarthR1Config) -> SwinEncoder:
+        """The encoder `config.vision` describes (gradient checkpointing off; the trainer turns it on)."""
+        vc = config.vision
+        return cls(embed_dim=vc.embed_dim, depths=vc.depths, num_heads=vc.num_heads, window_size=vc.window_size,
+                   mlp_ratio=vc.mlp_ratio, qkv_bias=vc.qkv_bias, drop_path_rate=vc.drop_path_rate,
+                   patch_size=vc.patch_size, in_chans=IMAGE_CHANNELS, patch_norm=vc.patch_norm,
+                   use_checkpoint=False)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import yaml
 
 from ..config_io import deep_merge
-from ..configuration import PHI_1_5_TEXT_CONFIG, SegEarthR1Config
+from ..configuration import PHI_1_5_TEXT_CONFIG, REFERENCE_CONNECTOR_NAMES, SegEarthR1Config
 from ..errors import CheckpointNotFoundError
 
 logger = logging.getLogger(__name__)
@@ -93,14 +93,15 @@ TEXT_CONFIG_TABLES: dict[str, list[Entry]] = {
 
 # The release config.json besides the LLM keys. `SparseConv_1` is the reference's name of our `sparse_conv`.
 RELEASE_CONFIG_TABLE: list[Entry] = [
-    Entry("mm_projector_type", ("connector.kind",), names={"SparseConv_1": "sparse_conv"}),
+    Entry("mm_projector_type", ("connector.kind",), names=REFERENCE_CONNECTOR_NAMES),
 ]
 # Written on export, not read: what the reference loader expects of a Phi release.
 RELEASE_FIXED = {"model_type": "llava_phi", "architectures": ["SegEarthR1"], "transformers_version": "4.36.2"}
 
 # Our fields the reference files cannot carry (hard-coded there, runtime choices or training-only).
 NOT_IN_REFERENCE = ("image_size", "seg_token_id", "pad_token_id", "llm_attn_implementation", "compile",
-                    "vision.frozen", "vision.train_mode_when_frozen", "description_projector.*",
+                    "vision.frozen", "vision.train_mode_when_frozen", "vision.qkv_bias", "vision.patch_norm",
+                    "connector.kernel_size", "connector.stride", "description_projector.*",
                     "pixel_decoder.num_points", "pixel_decoder.ffn_dim", "pixel_decoder.deform_attn_impl",
                     "mask_decoder.query", "mask_decoder.sdpa_attention", "loss.llm_weight", "lora.*")
 

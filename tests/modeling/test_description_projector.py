@@ -5,15 +5,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from segearthr1.configuration import SegEarthR1Config
 from segearthr1.modeling.description_projector import DescriptionProjector, PerceiverResampler
 
-H, C, DIM, OUT, HEADS, DIM_HEAD = 24, 20, 32, 12, 4, 8
+H, C, DIM, OUT, HEADS, DIM_HEAD = 24, 16, 32, 12, 4, 8
 
 
 def _projector(**kwargs) -> DescriptionProjector:
-    args = dict(llm_hidden_size=H, visual_channels=C, dim=DIM, out_dim=OUT, heads=HEADS, dim_head=DIM_HEAD)
-    args.update(kwargs)
-    return DescriptionProjector(**args)
+    """From a config: LLM width H, res5 width C (Swin embed_dim C/8), mask-decoder width OUT."""
+    config = SegEarthR1Config(
+        text_config=dict(model_type="phi", vocab_size=100, hidden_size=H, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2),
+        vision=dict(embed_dim=C // 8, depths=[1] * 4, num_heads=[1] * 4),
+        description_projector=dict(dim=DIM, num_heads=HEADS, dim_head=DIM_HEAD, **kwargs),
+        mask_decoder=dict(hidden_dim=OUT, num_heads=2))
+    return DescriptionProjector.from_config(config)
 
 
 def _batch(b: int = 3, length: int = 14):
@@ -29,7 +35,7 @@ def _batch(b: int = 3, length: int = 14):
 def test_perceiver_matches_reference(reference):
     fx = reference("description_projector.pt")
     cfg = fx["meta"]["config"]
-    m = PerceiverResampler(dim=cfg["dim"], depth=cfg["depth"], dim_head=cfg["dim_head"], heads=cfg["heads"],
+    m = PerceiverResampler(dim=cfg["dim"], depth=cfg["depth"], dim_head=cfg["dim_head"], num_heads=cfg["heads"],
                            ff_mult=cfg["ff_mult"])
     m.load_state_dict(fx["state_dict"], strict=True)
     m.eval()
@@ -41,7 +47,7 @@ def test_perceiver_matches_reference(reference):
 
 def test_perceiver_output_ignores_all_but_the_first_latent():
     """Reference quirk: k/v see only latent 0 and only latent 0 is returned."""
-    m = PerceiverResampler(dim=DIM, depth=2, dim_head=DIM_HEAD, heads=HEADS).eval()
+    m = PerceiverResampler(dim=DIM, depth=2, dim_head=DIM_HEAD, num_heads=HEADS, ff_mult=1).eval()
     latents, x = torch.randn(2, 1, 5, DIM), torch.randn(2, 1, 7, DIM)
     other = latents.clone()
     other[:, :, 1:] = torch.randn_like(other[:, :, 1:]) * 10
@@ -152,7 +158,7 @@ def test_shape_errors():
 
 
 def test_kind_validation_and_none_ablation():
-    with pytest.raises(ValueError, match="kind='mlp'"):
+    with pytest.raises(ValueError, match="description_projector.kind='mlp'"):
         _projector(kind="mlp")
     proj = _projector(kind="none")
     assert set(proj.state_dict()) == {"SEG_token_projector.weight", "SEG_token_projector.bias"}
@@ -172,7 +178,7 @@ def test_full_size_projector_matches_release_inventory():
 
     inventory = json.loads((REFERENCE / "upstream_keys_full.json").read_text())["state_dict"]
     with torch.device("meta"):
-        proj = DescriptionProjector(2048, 1024)
+        proj = DescriptionProjector.from_config(SegEarthR1Config())  # defaults = the released model
     ours = {k: tuple(v.shape) for k, v in proj.state_dict().items()}
     roots = {k.split(".")[0] for k in ours}
     expected = {name: tuple(shape) for name, shape, *_ in inventory if name.split(".")[0] in roots}

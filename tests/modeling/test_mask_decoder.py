@@ -9,26 +9,34 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REFERENCE
+from segearthr1.configuration import SegEarthR1Config
 from segearthr1.modeling.mask_decoder import UNUSED_PARAMETERS, MaskDecoder
 
 
-def _from_fixture(fx: dict) -> MaskDecoder:
+def _decoder(conv_dim: int, mask_dim: int, **mask_decoder) -> MaskDecoder:
+    """The mask decoder of a config whose pixel decoder gives conv_dim-wide maps, mask_dim embeddings."""
+    config = SegEarthR1Config(pixel_decoder=dict(conv_dim=conv_dim, mask_dim=mask_dim, num_heads=2),
+                              mask_decoder=mask_decoder)
+    return MaskDecoder.from_config(config)
+
+
+def _from_fixture(fx: dict, **overrides) -> MaskDecoder:
     cfg = fx["meta"]["config"]
-    dec = MaskDecoder(in_channels=cfg["in_channels"], hidden_dim=cfg["hidden_dim"], num_queries=cfg["num_queries"],
-                      nheads=cfg["nheads"], dim_feedforward=cfg["dim_feedforward"], num_layers=cfg["dec_layers"],
-                      mask_dim=cfg["mask_dim"], pre_norm=cfg["pre_norm"],
-                      enforce_input_project=cfg["enforce_input_project"])
+    assert not cfg["use_seg_query"]
+    dec = _decoder(cfg["in_channels"], cfg["mask_dim"], hidden_dim=cfg["hidden_dim"], num_queries=cfg["num_queries"],
+                   num_heads=cfg["nheads"], dim_feedforward=cfg["dim_feedforward"], num_layers=cfg["dec_layers"],
+                   pre_norm=cfg["pre_norm"], enforce_input_project=cfg["enforce_input_project"], **overrides)
     dec.load_state_dict(fx["state_dict"], strict=True)
     return dec.eval()
 
 
-def _tiny(**kw) -> MaskDecoder:
-    args = dict(in_channels=16, hidden_dim=32, num_queries=5, nheads=2, dim_feedforward=64, num_layers=4, mask_dim=24)
+def _tiny(conv_dim=64, **kw) -> MaskDecoder:
+    args = dict(hidden_dim=32, num_queries=5, num_heads=2, dim_feedforward=64, num_layers=4)
     args.update(kw)
-    return MaskDecoder(**args)
+    return _decoder(conv_dim, 24, **args)
 
 
-def _tiny_inputs(batch=2, in_channels=16, hidden=32, mask_dim=24):
+def _tiny_inputs(batch=2, in_channels=64, hidden=32, mask_dim=24):
     feats = [torch.randn(batch, in_channels, s, s) for s in (2, 4, 8)]
     return feats, torch.randn(batch, mask_dim, 16, 16), torch.randn(batch, 1, hidden)
 
@@ -51,16 +59,16 @@ def test_full_size_names_and_shapes_match_upstream_manifest():
     manifest = json.loads((REFERENCE / "upstream_keys_full.json").read_text())
     upstream = {name[len("predictor."):]: tuple(shape) for name, shape, _, _ in manifest["state_dict"]
                 if name.startswith("predictor.")}
-    dec = MaskDecoder()  # defaults = the reference configuration (9 built layers, 256 wide)
+    dec = MaskDecoder.from_config(SegEarthR1Config())  # defaults = the reference (9 built layers, 256 wide)
     assert {k: tuple(v.shape) for k, v in dec.state_dict().items()} == upstream
     never = {n[len("predictor."):] for n in manifest["never_receive_gradient"] if n.startswith("predictor.")}
     assert set(UNUSED_PARAMETERS) == never
 
 
 def test_input_projection_only_when_needed():
-    assert not any(k.startswith("input_proj") for k in _tiny(in_channels=32).state_dict())
-    assert "input_proj.2.weight" in _tiny(in_channels=32, enforce_input_project=True).state_dict()
-    assert tuple(_tiny(in_channels=16).state_dict()["input_proj.0.weight"].shape) == (32, 16, 1, 1)
+    assert not any(k.startswith("input_proj") for k in _tiny(conv_dim=32).state_dict())
+    assert "input_proj.2.weight" in _tiny(conv_dim=32, enforce_input_project=True).state_dict()
+    assert tuple(_tiny(conv_dim=64).state_dict()["input_proj.0.weight"].shape) == (32, 64, 1, 1)
 
 
 def test_masked_attention_hides_blocked_memory(reference):
@@ -86,7 +94,7 @@ def test_masked_attention_hides_blocked_memory(reference):
 
 def test_fully_blocked_row_attends_everywhere():
     """If the previous prediction is background everywhere, the query attends to the whole level."""
-    dec = _tiny(in_channels=32, num_layers=1).eval()
+    dec = _tiny(conv_dim=32, num_layers=1).eval()
     feats, mask_features, query = _tiny_inputs(batch=1, in_channels=32)
     with torch.no_grad():
         for p in dec.mask_embed.parameters():
@@ -121,7 +129,7 @@ def test_gradients_reach_every_used_parameter():
 
 
 def test_learned_query_mode():
-    dec = _tiny(query_mode="learned").train()
+    dec = _tiny(query="learned").train()
     feats, mask_features, query = _tiny_inputs()
     out = dec(feats, mask_features, query)
     assert out.pred_masks.shape == (2, 5, 16, 16)
@@ -160,20 +168,14 @@ def test_argument_errors():
         dec(feats, mask_features, None)
     with pytest.raises(ValueError, match="expected"):
         dec(feats, mask_features, query[:, :, :16])
-    with pytest.raises(ValueError, match="query_mode"):
-        _tiny(query_mode="both")
+    with pytest.raises(ValueError, match=r"mask_decoder.query='both'.*'description', 'learned'"):
+        _tiny(query="both")
 
 
 def test_sdpa_attention_option_stays_within_tolerance_of_the_reference(reference):
     """The opt-in SDPA kernel is not bit-exact but stays within the fixture tolerance on this input."""
-    from segearthr1.modeling.mask_decoder import MaskDecoder
-
     fx = reference("mask_decoder.pt")
-    cfg = fx["meta"]["config"]
-    model = MaskDecoder(in_channels=cfg["in_channels"], hidden_dim=cfg["hidden_dim"], num_queries=cfg["num_queries"],
-                        nheads=cfg["nheads"], dim_feedforward=cfg["dim_feedforward"], num_layers=cfg["dec_layers"],
-                        mask_dim=cfg["mask_dim"], sdpa_attention=True)
-    model.load_state_dict(fx["state_dict"], strict=True)
+    model = _from_fixture(fx, sdpa_attention=True)
     model.eval()
     with torch.no_grad():
         out = model(fx["multi_scale_features"], fx["mask_features"], fx["SEG_embedding"])

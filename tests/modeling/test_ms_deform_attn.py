@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from segearthr1.configuration import SegEarthR1Config
 from segearthr1.errors import DependencyNotFoundError
 from segearthr1.modeling import ms_deform_attn as mda
 from segearthr1.modeling.ms_deform_attn import MSDeformAttn, ms_deform_attn_core_gather, ms_deform_attn_core_pytorch
@@ -122,7 +123,7 @@ def test_gather_core_low_precision_inputs_are_sampled_in_fp32():
 @pytest.mark.parametrize("impl", ["pytorch", "gather"])
 def test_layer_impls_agree(impl):
     torch.manual_seed(0)
-    attn = MSDeformAttn(d_model=16, n_levels=3, n_heads=4, n_points=2, impl=impl)
+    attn = MSDeformAttn(d_model=16, num_levels=3, num_heads=4, num_points=2, impl=impl)
     torch.nn.init.normal_(attn.sampling_offsets.weight, std=0.3)
     torch.nn.init.normal_(attn.attention_weights.weight, std=0.3)
     shapes = [(6, 5), (3, 3), (2, 1)]
@@ -134,7 +135,7 @@ def test_layer_impls_agree(impl):
 
 
 def test_parameter_names_and_reference_init():
-    attn = MSDeformAttn(d_model=16, n_levels=3, n_heads=4, n_points=2)
+    attn = MSDeformAttn(d_model=16, num_levels=3, num_heads=4, num_points=2, impl="pytorch")
     shapes = {k: tuple(v.shape) for k, v in attn.state_dict().items()}
     assert shapes == {
         "sampling_offsets.weight": (4 * 3 * 2 * 2, 16), "sampling_offsets.bias": (48,),
@@ -154,7 +155,7 @@ def test_parameter_names_and_reference_init():
 
 def test_zero_offsets_sample_the_reference_pixel():
     """With zero offsets and one level, sampling at pixel centres returns each pixel's own value."""
-    attn = MSDeformAttn(d_model=8, n_levels=1, n_heads=2, n_points=3)
+    attn = MSDeformAttn(d_model=8, num_levels=1, num_heads=2, num_points=3, impl="pytorch")
     with torch.no_grad():
         attn.sampling_offsets.bias.zero_()
     h, w = 3, 5
@@ -167,7 +168,7 @@ def test_zero_offsets_sample_the_reference_pixel():
 
 def test_offsets_are_normalised_per_level_by_width_and_height():
     """An offset of (+1, 0) pixels on a level moves the sample exactly one pixel to the right there."""
-    attn = MSDeformAttn(d_model=4, n_levels=2, n_heads=1, n_points=1)
+    attn = MSDeformAttn(d_model=4, num_levels=2, num_heads=1, num_points=1, impl="pytorch")
     with torch.no_grad():
         attn.sampling_offsets.bias.copy_(torch.tensor([1.0, 0.0, 0.0, 1.0]))  # level0: +1 px x; level1: +1 px y
         attn.attention_weights.bias.copy_(torch.tensor([0.0, -1e4]))  # only level 0 counts
@@ -183,8 +184,10 @@ def test_offsets_are_normalised_per_level_by_width_and_height():
 
 
 def test_impl_selection(caplog):
-    with pytest.raises(ValueError, match="impl"):
-        MSDeformAttn(d_model=8, n_heads=2, impl="triton")
+    with pytest.raises(ValueError, match=r"pixel_decoder.deform_attn_impl='triton'.*'auto', 'gather', 'pytorch', 'cuda'"):
+        SegEarthR1Config(pixel_decoder={"deform_attn_impl": "triton"})
+    attn = MSDeformAttn.from_config(SegEarthR1Config(pixel_decoder={"deform_attn_impl": "auto", "num_points": 2}))
+    assert (attn.impl, attn.d_model, attn.num_levels, attn.num_heads, attn.num_points) == ("auto", 256, 3, 8, 2)
     if mda._compiled_op() is None:
         with pytest.raises(DependencyNotFoundError, match="MultiScaleDeformableAttention"):
             mda.resolve_impl("cuda", torch.device("cpu"))
@@ -198,7 +201,7 @@ def test_impl_selection(caplog):
 
 
 def test_gradients_reach_all_parameters():
-    attn = MSDeformAttn(d_model=8, n_levels=2, n_heads=2, n_points=2)
+    attn = MSDeformAttn(d_model=8, num_levels=2, num_heads=2, num_points=2, impl="pytorch")
     torch.nn.init.normal_(attn.sampling_offsets.weight, std=0.1)
     torch.nn.init.normal_(attn.attention_weights.weight, std=0.1)
     shapes = [(3, 3), (2, 2)]

@@ -8,28 +8,38 @@ import pytest
 import torch
 
 from conftest import REFERENCE
+from segearthr1.configuration import SegEarthR1Config
 from segearthr1.modeling.pixel_decoder import MSDeformAttnPixelDecoder
 from segearthr1.modeling.position_encoding import PositionEmbeddingSine
 
 
+def _decoder(embed_dim: int, **pixel_decoder) -> MSDeformAttnPixelDecoder:
+    """The pixel decoder of a config whose Swin maps are embed_dim * (1, 2, 4, 8) wide, strides 4..32."""
+    config = SegEarthR1Config(vision=dict(embed_dim=embed_dim, depths=[1] * 4, num_heads=[1] * 4),
+                              pixel_decoder=pixel_decoder)
+    return MSDeformAttnPixelDecoder.from_config(config)
+
+
 def _from_fixture_config(cfg: dict) -> MSDeformAttnPixelDecoder:
-    return MSDeformAttnPixelDecoder(
-        cfg["input_channels"], cfg["input_strides"], conv_dim=cfg["conv_dim"], mask_dim=cfg["mask_dim"],
-        num_heads=cfg["transformer_nheads"], num_points=4, ffn_dim=cfg["transformer_dim_feedforward"],
-        num_encoder_layers=cfg["transformer_enc_layers"], dropout=cfg["transformer_dropout"],
-        transformer_in_features=tuple(cfg["transformer_in_features"]), common_stride=cfg["common_stride"],
-    )
+    embed_dim = cfg["input_channels"]["res2"]
+    assert cfg["input_channels"] == {f"res{i}": embed_dim * 2 ** (i - 2) for i in range(2, 6)}
+    assert cfg["input_strides"] == {f"res{i}": 2 ** i for i in range(2, 6)}
+    return _decoder(
+        embed_dim, conv_dim=cfg["conv_dim"], mask_dim=cfg["mask_dim"], num_heads=cfg["transformer_nheads"],
+        num_points=4, ffn_dim=cfg["transformer_dim_feedforward"], num_encoder_layers=cfg["transformer_enc_layers"],
+        dropout=cfg["transformer_dropout"], transformer_in_features=cfg["transformer_in_features"],
+        common_stride=cfg["common_stride"])
 
 
 def _tiny(**kw) -> MSDeformAttnPixelDecoder:
     args = dict(conv_dim=32, mask_dim=32, num_heads=2, num_points=2, ffn_dim=64, num_encoder_layers=1)
     args.update(kw)
-    return MSDeformAttnPixelDecoder({"res2": 8, "res3": 16, "res4": 24, "res5": 32},
-                                    {"res2": 4, "res3": 8, "res4": 16, "res5": 32}, **args)
+    return _decoder(8, **args)
 
 
 def _tiny_features(batch=2, size=64):
-    return {f"res{i}": torch.randn(batch, c, size // 2 ** i, size // 2 ** i) for i, c in zip(range(2, 6), (8, 16, 24, 32))}
+    """Maps of the _tiny decoder's Swin (embed_dim 8) for a size x size image."""
+    return {f"res{i}": torch.randn(batch, 8 * 2 ** (i - 2), size // 2 ** i, size // 2 ** i) for i in range(2, 6)}
 
 
 def test_matches_reference(reference):
@@ -52,8 +62,7 @@ def test_full_size_names_and_shapes_match_upstream_manifest():
     manifest = json.loads((REFERENCE / "upstream_keys_full.json").read_text())
     upstream = {name[len("pixel_decoder."):]: tuple(shape) for name, shape, _, _ in manifest["state_dict"]
                 if name.startswith("pixel_decoder.")}
-    dec = MSDeformAttnPixelDecoder({"res2": 128, "res3": 256, "res4": 512, "res5": 1024},
-                                   {"res2": 4, "res3": 8, "res4": 16, "res5": 32})
+    dec = MSDeformAttnPixelDecoder.from_config(SegEarthR1Config())  # defaults = the released model
     assert {k: tuple(v.shape) for k, v in dec.state_dict().items()} == upstream
 
 
@@ -82,18 +91,19 @@ def test_fpn_relu_and_shapes():
 
 
 def test_fpn_levels_follow_common_stride():
-    dec = MSDeformAttnPixelDecoder({"res1": 8, "res2": 8, "res3": 16, "res4": 24, "res5": 32},
-                                   {"res1": 2, "res2": 4, "res3": 8, "res4": 16, "res5": 32},
+    """Built by hand (no config has a stride-2 map): one FPN level per halving below the finest level."""
+    dec = MSDeformAttnPixelDecoder(input_channels={"res1": 8, "res2": 8, "res3": 16, "res4": 32, "res5": 64},
+                                   input_strides={"res1": 2, "res2": 4, "res3": 8, "res4": 16, "res5": 32},
                                    conv_dim=32, mask_dim=16, num_heads=2, num_points=1, ffn_dim=32,
-                                   num_encoder_layers=1, common_stride=2)
+                                   num_encoder_layers=1, dropout=0.0, transformer_in_features=("res3", "res4", "res5"),
+                                   common_stride=2, deform_attn_impl="pytorch")
     assert dec.num_fpn_levels == 2 and hasattr(dec, "adapter_2") and hasattr(dec, "layer_2")
     feats = _tiny_features(batch=1, size=64)
     feats["res1"] = torch.randn(1, 8, 32, 32)
     assert dec.eval()(feats).mask_features.shape == (1, 16, 32, 32)
-    with pytest.raises(ValueError, match="common_stride"):
-        _tiny(common_stride=3)
-    with pytest.raises(ValueError, match="transformer_in_features"):
-        _tiny(transformer_in_features=("res3", "res4", "res6"))
+    no_fpn = _tiny(common_stride=8).eval()  # mask features straight from the finest transformer level
+    assert no_fpn.num_fpn_levels == 0 and not hasattr(no_fpn, "adapter_1")
+    assert no_fpn(_tiny_features(batch=1)).mask_features.shape == (1, 32, 8, 8)
 
 
 def test_gradients_reach_every_parameter():
@@ -124,7 +134,7 @@ def test_batch_invariance(reference):
 
 def test_sine_position_embedding_closed_form():
     feats, eps, temp = 4, 1e-6, 10000.0
-    pe = PositionEmbeddingSine(feats)
+    pe = PositionEmbeddingSine(num_pos_feats=feats, normalize=True)
     pos = pe(torch.zeros(2, 3, 5, 7))
     assert pos.shape == (2, 2 * feats, 5, 7)
     for i, j, k in [(0, 0, 0), (4, 6, 1), (2, 3, 3)]:
@@ -135,5 +145,3 @@ def test_sine_position_embedding_closed_form():
         assert pos[1, k, i, j].item() == pytest.approx(fn(y / dim_t), abs=1e-6)  # y block first
         assert pos[1, feats + k, i, j].item() == pytest.approx(fn(x / dim_t), abs=1e-6)
     assert pe(torch.zeros(1, 1, 5, 7, dtype=torch.float64)).dtype == torch.float64
-    with pytest.raises(ValueError, match="even"):
-        PositionEmbeddingSine(3)
