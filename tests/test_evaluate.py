@@ -260,3 +260,58 @@ def test_truncated_weights_and_long_questions(data_root, checkpoint, tmp_path, c
     assert ev.main(["--model_path", str(checkpoint), "--output_dir", str(tmp_path / "out2"), *base]) == 0
     warnings = [line for line in capfd.readouterr().err.splitlines() if "WARNING" in line and qa_file.stem in line]
     assert any("truncat" in line for line in warnings), warnings
+
+
+# --- a run config's eval:/data: sections --------------------------------------------------------------
+def test_run_config_eval_section_gives_the_defaults(tmp_path):
+    """configs/tiny.yaml's eval: {batch_size: 8, num_vis: 8} and data: section fill the flags left out;
+    flags given on the command line win; without --config the old defaults hold."""
+    from segearthr1.config_io import dump_yaml
+    from segearthr1.training.args import resolve_run_config
+
+    args = ev.parse_args(["--model_path", "m", "--config", str(REPO / "configs" / "tiny.yaml")])
+    assert (args.batch_size, args.num_vis) == (8, 8)
+    assert (args.dataset_type, args.data_split, args.question_sampling) == ("EarthReason", "val", "random")
+    explicit = ev.parse_args(["--model_path", "m", "--config", str(REPO / "configs" / "tiny.yaml"),
+                              "--batch_size", "2", "--num_vis", "0", "--question_sampling", "first",
+                              "--dataset_type", "rrsisd", "--data_split", "test"])
+    assert (explicit.batch_size, explicit.num_vis, explicit.question_sampling) == (2, 0, "first")
+    assert (explicit.dataset_type, explicit.data_split) == ("RRSIS-D", "test")
+    plain = ev.parse_args(["--model_path", "m"])
+    assert (plain.batch_size, plain.num_vis, plain.dataset_type, plain.data_split) == (1, 20, "RRSIS-D", "val")
+    assert plain.question_sampling == "first" and plain.data_path is None
+
+    # the resolved_config.yaml a training run saves works the same way; eval.split wins over data.eval_split
+    config, _ = resolve_run_config(REPO / "configs" / "tiny.yaml", ["eval.split=test", "eval.batch_size=3"])
+    saved = tmp_path / "resolved_config.yaml"
+    saved.write_text(dump_yaml(config), encoding="utf-8")
+    args = ev.parse_args(["--model_path", "m", "--config", str(saved)])
+    assert (args.batch_size, args.num_vis, args.data_split) == (3, 8, "test")
+    with pytest.raises(ValueError, match="eval.batch_sise"):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(f"base: {REPO / 'configs' / 'tiny.yaml'}\neval: {{batch_sise: 4}}\n", encoding="utf-8")
+        ev.parse_args(["--model_path", "m", "--config", str(bad)])
+
+
+def test_run_config_values_reach_the_evaluation(data_root, checkpoint, tmp_path, monkeypatch):
+    """End to end: the batch size and overlay count of configs/tiny.yaml's eval: section are what the
+    evaluation loop is called with, and the run config is named in metrics.json."""
+    from segearthr1.evaluation import run as run_module
+
+    seen = {}
+
+    def recording(*a, **kw):
+        seen.update(kw)
+        return evaluate_model(*a, **kw)
+
+    monkeypatch.setattr(run_module, "evaluate_model", recording)
+    out, vis = tmp_path / "out", tmp_path / "vis"
+    code = ev.main(["--model_path", str(checkpoint), "--config", str(REPO / "configs" / "tiny.yaml"),
+                    "--data_path", str(data_root), "--output_dir", str(out), "--vis_path", str(vis),
+                    "--num_workers", "0", "--device", "cpu", "--no-report", "--bootstrap_resamples", "0"])
+    assert code == 0
+    assert seen["batch_size"] == 8 and seen["num_vis"] == 8
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["dataset"] == "EarthReason" and metrics["question_sampling"] == "random"
+    assert metrics["run_config"] == str((REPO / "configs" / "tiny.yaml").resolve())
+    assert len(list(vis.glob("*.png"))) == metrics["num_samples"] == 3  # num_vis 8 > 3 samples: all of them
