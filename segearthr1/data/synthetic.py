@@ -201,6 +201,14 @@ def _size(rng: np.random.Generator, min_size: int, max_size: int) -> tuple[int, 
     return int(rng.integers(min_size, max_size + 1)), int(rng.integers(min_size, max_size + 1))
 
 
+def _referring_scene(rng: np.random.Generator, opts: SyntheticOptions) -> tuple[Scene, tuple[str, str]]:
+    """A scene of random size holding a random (colour, shape) target, and that target."""
+    h, w = _size(rng, opts.min_size, opts.max_size)
+    pair = _random_pair(rng, opts.colors)
+    return make_scene(rng, h, w, pair, colors=opts.colors, object_scale=opts.object_scale,
+                      color_distractor_prob=opts.color_distractor_prob), pair
+
+
 def _write_rgb(path: Path, rgb: np.ndarray) -> None:
     params = [cv2.IMWRITE_JPEG_QUALITY, 95] if path.suffix == ".jpg" else []
     if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params):
@@ -305,8 +313,7 @@ def write_earthreason(root: Path, seed: int, stream: int, counts: dict, opts: Sy
 
 def write_rrsisd(root: Path, seed: int, stream: int, counts: dict, opts: SyntheticOptions) -> dict:
     """RRSIS-D's tree under `root` (refs pickle + COCO instances with polygon and RLE masks)."""
-    rng, min_size, max_size, colors = np.random.default_rng([seed, stream]), opts.min_size, opts.max_size, opts.colors
-    object_scale, color_distractor_prob = opts.object_scale, opts.color_distractor_prob
+    rng = np.random.default_rng([seed, stream])
     base = root / "rs_ref_seg" / "RRSIS-D"
     img_dir = base / "images" / "rrsisd" / "JPEGImages"
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -316,9 +323,8 @@ def write_rrsisd(root: Path, seed: int, stream: int, counts: dict, opts: Synthet
     for split, n in counts.items():
         out[split] = 0
         for _ in range(n):
-            h, w = _size(rng, min_size, max_size)
-            scene = make_scene(rng, h, w, _random_pair(rng, colors), colors=colors, object_scale=object_scale,
-                               color_distractor_prob=color_distractor_prob)
+            scene, _ = _referring_scene(rng, opts)
+            h, w = scene.image.shape[:2]
             image_id = len(images) + 1
             file_name = f"{image_id:05d}.jpg"
             _write_rgb(img_dir / file_name, scene.image)
@@ -356,8 +362,7 @@ def write_rrsisd(root: Path, seed: int, stream: int, counts: dict, opts: Synthet
 
 def write_refsegrs(root: Path, seed: int, stream: int, counts: dict, opts: SyntheticOptions) -> dict:
     """RefSegRS's tree under `root` (TIFF tiles, 0/255 masks, one phrase file per split)."""
-    rng, min_size, max_size, colors = np.random.default_rng([seed, stream]), opts.min_size, opts.max_size, opts.colors
-    object_scale, color_distractor_prob = opts.object_scale, opts.color_distractor_prob
+    rng = np.random.default_rng([seed, stream])
     base = root / "rs_ref_seg" / "RefSegRS"
     (base / "images").mkdir(parents=True, exist_ok=True)
     (base / "masks").mkdir(parents=True, exist_ok=True)
@@ -366,10 +371,7 @@ def write_refsegrs(root: Path, seed: int, stream: int, counts: dict, opts: Synth
     for split, n in counts.items():
         lines = []
         for _ in range(n):
-            h, w = _size(rng, min_size, max_size)
-            pair = _random_pair(rng, colors)
-            scene = make_scene(rng, h, w, pair, colors=colors, object_scale=object_scale,
-                               color_distractor_prob=color_distractor_prob)
+            scene, pair = _referring_scene(rng, opts)
             k = next(j for j, o in enumerate(scene.objects) if (o.color, o.shape) == pair)
             _write_rgb(base / "images" / f"{next_id}.tif", scene.image)
             _write_gray(base / "masks" / f"{next_id}.tif", (scene.masks[k] * 255).astype(np.uint8))
