@@ -60,6 +60,12 @@ def names_for_task(task: str) -> set[str]:
     return {key for key, name in _lookup().items() if DATASETS[name].spec.task == task}
 
 
+def foreground_choices() -> tuple[str, ...]:
+    """Every value a run config's data.foreground may take: the rules of datasets that offer a choice."""
+    rules = [r for cls in DATASETS.values() if len(cls.spec.foreground_rules) > 1 for r in cls.spec.foreground_rules]
+    return tuple(dict.fromkeys(rules))
+
+
 def synthetic_names() -> list[str]:
     """Registered datasets that have a look-alike data generator."""
     return [name for name, cls in DATASETS.items() if cls.spec.write_synthetic is not None]

@@ -124,8 +124,9 @@ def run(args: argparse.Namespace) -> EvalResult:
         data_path = Path(args.data_path).expanduser() if args.data_path else default_data_root()
         image_size = _letterbox_size(model_dir, args)
         # the dataset is checked before the weights are read, so a wrong data path fails in seconds
+        options = get_spec(args.dataset_type).dataset_options(args.question_sampling, args.foreground)
         dataset = build_dataset(args.dataset_type, data_path, args.data_split, load_tokenizer(model_dir),
-                                image_size=image_size, train=False, **get_spec(args.dataset_type).dataset_options(args.question_sampling, args.foreground))
+                                image_size=image_size, train=False, **options)
         dataset.include_eval_extras = bool(args.original_resolution or args.report)
         dataset.fast_decode = bool(args.fast_decode)
         model, tokenizer = load_pretrained(model_dir, mask_config=args.mask_config, device=ctx.device,

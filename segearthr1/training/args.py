@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config_io import apply_overrides, deep_merge, expand_env, load_yaml_config, parse_value, set_dotted
-from ..data.registry import canonical_dataset
+from ..data.registry import canonical_dataset, foreground_choices
 from ..data.spec import SAMPLING_MODES
 from .typecheck import check_section, dataclass_hints
 
@@ -63,8 +63,8 @@ class DataArgs:
         self.dataset = canonical_dataset(self.dataset)
         if self.question_sampling not in SAMPLING_MODES:
             raise ValueError(f"data.question_sampling={self.question_sampling!r}; choose one of {list(SAMPLING_MODES)}")
-        if str(self.foreground) not in ("255", "nonzero"):
-            raise ValueError(f"data.foreground={self.foreground!r}; choose '255' or 'nonzero'")
+        if str(self.foreground) not in foreground_choices():
+            raise ValueError(f"data.foreground={self.foreground!r}; choose one of {list(foreground_choices())}")
         self.foreground = str(self.foreground)
 
 
@@ -167,6 +167,7 @@ REFERENCE_FLAG_PATHS: dict[str, str] = {
     "lora_dropout": "model.lora.dropout",
     "lora_enable": "model.lora.enabled",
     "question_sampling": "data.question_sampling",
+    "sentence_sampling": "data.question_sampling",  # the reference's RRSIS-D name of the same switch
     "tokenizer_path": "init.tokenizer_path",
 }
 # Flags of the reference scripts that configure features we do not have or that are fixed here;

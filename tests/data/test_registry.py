@@ -146,3 +146,16 @@ def test_a_fourth_dataset_is_seen_everywhere(fake_registered, tmp_path):
     problems, _, checked = check_dataset("fake_set", tmp_path)
     assert problems == [] and checked == 2 + 3
     assert make_synthetic_dataset.parse_args(["--out", str(tmp_path), "--datasets", "fake_set"]).datasets == ["FakeSet"]
+
+
+def test_run_config_reads_switch_names_and_choices_from_the_registry():
+    """train: --sentence_sampling is the old spelling of data.question_sampling; data.foreground's choices
+    are the rules of the datasets that offer one."""
+    from segearthr1.training.args import DataArgs, resolve_run_config
+
+    config, _ = resolve_run_config(None, ["init.tokenizer_path=x"], [("dataset_type", "rrsisd"),
+                                                                     ("sentence_sampling", "all")])
+    assert config["data"]["dataset"] == "RRSIS-D" and config["data"]["question_sampling"] == "all"
+    assert registry.foreground_choices() == ("255", "nonzero")
+    with pytest.raises(ValueError, match=r"data.foreground='annotation'; choose one of \['255', 'nonzero'\]"):
+        DataArgs(dataset="RefSegRS", foreground="annotation")
