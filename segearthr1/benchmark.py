@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .logging_utils import setup_logging
+from .runtime import setup_logging
 from .perf import STAGES, PeakMemory, StageTimer, peak_tflops
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 # model and batch
 def _tokenizer_for(init) -> tuple[object, bool]:
     """(tokenizer, is_the_run's_own). The run's own tokenizer also resizes the embeddings as training does."""
-    from .pretrained import load_tokenizer
+    from .weights.files import load_tokenizer
 
     for candidate in (init.tokenizer_path, init.llm_path):
         if candidate and Path(candidate).is_dir():
@@ -85,7 +85,7 @@ def build_model(args, device: torch.device | str = "cpu"):
     (a full-size model initialises in seconds on a GPU, a minute on CPU)."""
     from .configuration import SegEarthR1Config
     from .modeling.segearthr1 import SegEarthR1ForReasoningSegmentation
-    from .pretrained import setup_tokenizer_and_embeddings
+    from .weights.embeddings import setup_tokenizer_and_embeddings
     from .processing import seg_token_id
     from .training.args import build_model_kwargs, init_args, resolve_run_config
 
@@ -225,7 +225,7 @@ def _param_counts(model) -> dict[str, int]:
 
 
 def run(args) -> dict:
-    from .pretrained import resolve_device
+    from .runtime import resolve_device
     from .training.args import data_args
     from .data.registry import DATASETS
 

@@ -7,6 +7,7 @@ keys it changes and names its parent with `base: ../X.yaml`. Unknown keys anywhe
 from __future__ import annotations
 
 import copy
+import difflib
 import os
 import re
 from pathlib import Path
@@ -44,7 +45,28 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|Tr
 
 def _load(text_or_stream):
     return yaml.load(text_or_stream, Loader=_Loader)
+
+
 _ENV = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
+
+
+def check_known_keys(keys, valid, where: str = "", valid_note: str | None = None) -> None:
+    """Raise ValueError naming every unknown key with its closest valid spelling.
+
+    The one "did you mean" check for every strict mapping (run-config sections, sub-configs):
+    `where` is the dotted prefix shown before each key (`"model.connector."`); `valid_note` replaces
+    the list of valid keys when that list is too long to be useful (HF TrainingArguments)."""
+    valid = list(valid)
+    unknown = [k for k in keys if k not in valid]
+    if not unknown:
+        return
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), [str(v) for v in valid], n=1)
+        hints.append(f"{where}{key}" + (f" (did you mean {close[0]}?)" if close else ""))
+    section = where.rstrip(".")
+    note = valid_note or f"valid keys{' in ' + section if section else ''}: {valid}"
+    raise ValueError(f"unknown config key(s): {', '.join(hints)}; {note}")
 
 
 def deep_merge(base: dict, override: dict) -> dict:

@@ -4,12 +4,12 @@ DESIGN.md §6 is a field here, and all validation happens at construction, not a
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass
 from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
+from .config_io import check_known_keys
 from .modeling.vision_encoder import swin_feature_sizes
 
 PHI_1_5_TEXT_CONFIG: dict[str, Any] = {
@@ -34,8 +34,9 @@ PHI_1_5_TEXT_CONFIG: dict[str, Any] = {
 }
 
 
-# MSDeformAttn core: pure PyTorch, the compiled op when importable (else PyTorch), or the compiled op required.
-DEFORM_ATTN_IMPLS = ("pytorch", "auto", "cuda")
+# MSDeformAttn core (modeling/ms_deform_attn.py resolve_impl): grid_sample as the reference ("pytorch"), one
+# weighted gather ("gather"), the compiled op required ("cuda"), or the fastest available ("auto").
+DEFORM_ATTN_IMPLS = ("auto", "gather", "pytorch", "cuda")
 # The masked-attention decoder cycles over exactly this many multi-scale maps (Mask2Former's 3).
 DECODER_FEATURE_LEVELS = 3
 
@@ -56,14 +57,7 @@ class _SubConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, where: str = ""):
         data = dict(data or {})
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in data if k not in names]
-        if unknown:
-            hints = []
-            for key in unknown:
-                close = difflib.get_close_matches(key, names, n=1)
-                hints.append(f"{where}{key}" + (f" (did you mean {close[0]}?)" if close else ""))
-            raise ValueError(f"unknown config key(s): {', '.join(hints)}; valid keys: {names}")
+        check_known_keys(data, [f.name for f in dataclasses.fields(cls)], where)
         for f in dataclasses.fields(cls):  # YAML/JSON give lists where we store tuples
             if f.name in data and isinstance(data[f.name], list):
                 data[f.name] = tuple(data[f.name])
@@ -146,7 +140,7 @@ class PixelDecoderConfig(_SubConfig):
     dropout: float = 0.0
     transformer_in_features: tuple[str, ...] = ("res3", "res4", "res5")
     common_stride: int = 4
-    deform_attn_impl: str = "pytorch"
+    deform_attn_impl: str = "auto"  # CPU: one weighted gather; CUDA: the compiled op when importable
 
     def __post_init__(self):
         _check_choice("pixel_decoder.deform_attn_impl", self.deform_attn_impl, DEFORM_ATTN_IMPLS)

@@ -91,3 +91,20 @@ def test_benchmark_cli_entry_point_and_bad_device():
         proc = subprocess.run([sys.executable, "-m", "segearthr1.cli", "benchmark", "--config", "configs/tiny.yaml",
                                "--device", "cuda"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode != 0 and "CUDA is not available" in proc.stderr
+
+
+def test_deform_attn_core_benchmark_tool(tmp_path, capsys):
+    """tools/bench_deform_attn.py times every core on the device and reports their agreement."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    try:
+        import bench_deform_attn
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "cores.json"
+    assert bench_deform_attn.main(["--image_size", "64", "--repeats", "1", "--threads", "1", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["cores"]) == {"pytorch", "gather"}
+    for row in result["cores"].values():
+        assert row["forward_s"] > 0 and row["forward_backward_s"] > 0
+    assert result["cores"]["gather"]["max_abs_diff_output"] < 1e-5
+    assert "gather" in capsys.readouterr().out

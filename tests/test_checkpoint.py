@@ -8,13 +8,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model_utils import REFERENCE, TINY_PHI, make_batch, tiny_config, tiny_model, trained_tokenizer
-from segearthr1.checkpoint import (UNUSED_REFERENCE_PARAMETERS, UPSTREAM_KEY_MAP, convert_upstream_state_dict,
-                                   fuse_qkv, rename_to_upstream_key, rename_upstream_key, split_fused_qkv)
+from segearthr1.weights.key_maps import (UNUSED_REFERENCE_PARAMETERS, UPSTREAM_KEY_MAP, convert_upstream_state_dict,
+                                         fuse_qkv, rename_to_upstream_key, rename_upstream_key, split_fused_qkv)
 from segearthr1.configuration import SegEarthR1Config
 from segearthr1.errors import CheckpointKeyError, CheckpointNotFoundError
 from segearthr1.modeling.segearthr1 import SegEarthR1ForReasoningSegmentation
-from segearthr1.pretrained import (build_for_training, export_reference_release, load_pretrained, save_pretrained,
-                                   write_mask_config_yaml)
+from segearthr1.weights.export import export_reference_release
+from segearthr1.weights.initialisation import build_for_training
+from segearthr1.weights.pretrained import load_pretrained, save_pretrained
+from segearthr1.weights.reference_config import write_mask_config_yaml
 
 
 def _assert_same_state(a, b):

@@ -11,9 +11,9 @@ import torch
 from model_utils import tiny_model, trained_tokenizer
 from safetensors.torch import save_file
 
-from segearthr1.checkpoint_files import check_json, check_safetensors, check_torch_file
+from segearthr1.weights.integrity import check_json, check_safetensors, check_torch_file
 from segearthr1.errors import CheckpointCorruptedError, CheckpointNotFoundError, CheckpointSaveError, NonFiniteError
-from segearthr1.pretrained import load_pretrained, save_pretrained
+from segearthr1.weights.pretrained import load_pretrained, save_pretrained
 from segearthr1.training.checkpoints import (find_resume_checkpoint, publish, reported_save_errors, staging_path,
                                              validate_checkpoint)
 from segearthr1.training.guard import NonFiniteGuard, check_finite_weights, zero_loss

@@ -20,7 +20,7 @@ from rasterio.crs import CRS
 from model_utils import tiny_model, trained_tokenizer
 from segearthr1.inference.demo import DemoApp, DemoError, build_interface, probability_map
 from segearthr1.inference.predictor import Predictor
-from segearthr1.pretrained import save_pretrained
+from segearthr1.weights.pretrained import save_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
 QUERY = "where is the red triangle"

@@ -24,7 +24,9 @@ from segearthr1.data.refsegrs import RefSegRSDataset
 from segearthr1.data.synthetic import generate
 from segearthr1.errors import CheckpointNotFoundError, DatasetNotFoundError
 from segearthr1.evaluation.metrics import SegmentationMeter
-from segearthr1.pretrained import export_reference_release, save_pretrained, write_mask_config_yaml
+from segearthr1.weights.export import export_reference_release
+from segearthr1.weights.pretrained import save_pretrained
+from segearthr1.weights.reference_config import write_mask_config_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 METRIC_KEYS = ("giou", "ciou", "precision@0.5", "precision@0.6", "precision@0.7", "precision@0.8",

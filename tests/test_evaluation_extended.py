@@ -23,7 +23,7 @@ from segearthr1.data.synthetic import generate
 from segearthr1.evaluation import breakdown
 from segearthr1.evaluation.bootstrap import metric_intervals
 from segearthr1.evaluation.metrics import foreground_counts, foreground_iou, sample_statistics
-from segearthr1.pretrained import save_pretrained
+from segearthr1.weights.pretrained import save_pretrained
 
 RESAMPLES = 200
 

@@ -27,7 +27,9 @@ from segearthr1.errors import DatasetCorruptedError
 from segearthr1.inference import predict_cli
 from segearthr1.inference.explain import answer_prefix, generate_answers
 from segearthr1.inference.predictor import Prediction, Predictor, default_task, load_image
-from segearthr1.pretrained import export_reference_release, save_pretrained, write_mask_config_yaml
+from segearthr1.weights.export import export_reference_release
+from segearthr1.weights.pretrained import save_pretrained
+from segearthr1.weights.reference_config import write_mask_config_yaml
 from segearthr1.processing import encode_query
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,7 +101,7 @@ def expected_logits(model, tokenizer, rgb: np.ndarray, query: str, task: str = "
 @pytest.fixture
 def quiet_cli(monkeypatch):
     """Run the CLI in-process without it replacing the root logger's handlers (keeps caplog working)."""
-    monkeypatch.setattr("segearthr1.logging_utils.setup_logging", lambda *a, **k: None)
+    monkeypatch.setattr("segearthr1.runtime.setup_logging", lambda *a, **k: None)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -161,9 +161,9 @@ def test_single_tile_is_the_whole_image_prediction(tmp_path, tokenizer):
 
 
 def test_cli_tile_with_tiny_checkpoint(tmp_path, tokenizer, monkeypatch):
-    from segearthr1.pretrained import save_pretrained
+    from segearthr1.weights.pretrained import save_pretrained
 
-    monkeypatch.setattr("segearthr1.logging_utils.setup_logging", lambda *a, **k: None)
+    monkeypatch.setattr("segearthr1.runtime.setup_logging", lambda *a, **k: None)
     ckpt = save_pretrained(tiny_model(seed=0).eval(), tokenizer, tmp_path / "ckpt")
     tif = blob_scene(tmp_path / "scene.tif", 150, 200)
     out = tmp_path / "out"

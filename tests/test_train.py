@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from segearthr1.data.synthetic import generate
-from segearthr1.pretrained import load_pretrained
+from segearthr1.weights.pretrained import load_pretrained
 from segearthr1.training.trainer import last_complete_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,16 +21,27 @@ TINY_OVERRIDES = [
 ]
 
 
+MASTER_PORT = 29500 + os.getpid() % 1000
+
+
+def _leftover_shm() -> list[Path]:
+    """DeepSpeed CPU all-reduce segments of this test's port that outlived the run (it never unlinks them)."""
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{MASTER_PORT}_*"))
+
+
 def _launch(tmp_path, max_steps, *extra):
     env = dict(os.environ, SEGEARTH_DATA=str(tmp_path / "data"), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("CUDA_VISIBLE_DEVICES", None)
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(29500 + os.getpid() % 1000), "--module",
+    for stale in _leftover_shm():  # of an earlier process with the same port
+        stale.unlink()
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(MASTER_PORT), "--module",
            "segearthr1.train", "--config", "configs/tiny.yaml", "--set", f"train.output_dir={tmp_path / 'run'}",
            "--set", f"train.max_steps={max_steps}"]
     for item in TINY_OVERRIDES:
         cmd += ["--set", item]
     result = subprocess.run(cmd + list(extra), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert not _leftover_shm(), "the run left DeepSpeed's shared-memory buffers in /dev/shm"
     return result.stdout + result.stderr
 
 

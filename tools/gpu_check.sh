@@ -2,7 +2,9 @@
 # The GPU check, one command (<= 10 minutes on one H100/H200-class GPU):
 #   1. golden fixtures on CUDA: fp32 parity with the reference recordings; bf16 finite, close to fp32,
 #      masks >= 99 % equal (tests/test_low_precision.py, tests/modeling/test_ms_deform_attn.py, marker `gpu`);
-#   2. full-size benchmark, bf16 predict, batch 8, 1024² (step time, per-stage split, FLOPs, MFU, memory);
+#   2. full-size benchmark, bf16 predict, batch 8, 1024² (step time, per-stage split, FLOPs, MFU, memory),
+#      and the deformable-attention cores (grid_sample, gather, compiled op if built) timed on one layer, to
+#      check that impl=auto's choice on CUDA (compiled op, else gather) is the fastest there too;
 #   3. full-size benchmark, bf16 train, batch 2, 1024², gradient checkpointing, AdamW;
 #   4. a 30-step DeepSpeed ZeRO-2 run of configs/tiny.yaml on 1 GPU.
 # On a machine without CUDA it says so in one line and runs the CPU parts (the low-precision and benchmark
@@ -23,6 +25,7 @@ if [ "$(python3 -c 'import torch; print(int(torch.cuda.is_available()))')" != 1 
   run python3 -m pytest -q tests/test_low_precision.py tests/test_benchmark.py
   run python3 -m segearthr1.cli benchmark --config configs/tiny.yaml --mode train --optimizer adamw --steps 5 \
     --output "$OUT/tiny_train_cpu.json"
+  run python3 tools/bench_deform_attn.py --image_size 512 --device cpu --output "$OUT/deform_attn_cores_cpu.json"
   exit $status
 fi
 python3 -c 'import torch; print("[gpu_check] device:", torch.cuda.get_device_name(0), "| torch", torch.__version__)'
@@ -33,6 +36,7 @@ run python3 -m pytest -q -m gpu tests/test_low_precision.py tests/modeling/test_
 step "2/4 full-size predict, bf16, batch 8, 1024²"
 run python3 -m segearthr1.cli benchmark --config configs/earthreason.yaml --mode predict --dtype bf16 --batch_size 8 \
   --steps 5 --warmup 2 --output "$OUT/full_predict_bf16_b8.json"
+run python3 tools/bench_deform_attn.py --image_size 1024 --batch_size 8 --device cuda --output "$OUT/deform_attn_cores_cuda.json"
 
 step "3/4 full-size train, bf16, batch 2, 1024², gradient checkpointing, AdamW"
 run python3 -m segearthr1.cli benchmark --config configs/earthreason.yaml --mode train --dtype bf16 --batch_size 2 \

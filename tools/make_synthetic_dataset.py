@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from segearthr1.data.registry import canonical_dataset, synthetic_names  # noqa: E402
 from segearthr1.data.synthetic import generate  # noqa: E402
-from segearthr1.logging_utils import setup_logging  # noqa: E402
+from segearthr1.runtime import setup_logging  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -51,7 +51,7 @@ def build_checkpoint(folder: Path) -> Path:
     sys.path.insert(0, str(REPO / "tests"))
     from model_utils import tiny_model, trained_tokenizer
 
-    from segearthr1.pretrained import save_pretrained
+    from segearthr1.weights.pretrained import save_pretrained
 
     if not (folder / "config.json").is_file():
         save_pretrained(tiny_model(seed=0).eval(), trained_tokenizer(), folder)

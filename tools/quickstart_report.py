@@ -29,7 +29,7 @@ from segearthr1.data.synthetic import object_from_dict, shape_mask  # noqa: E402
 from segearthr1.data.transforms import letterbox_mask  # noqa: E402
 from segearthr1.evaluation.files import read_mask_png  # noqa: E402
 from segearthr1.evaluation.metrics import SegmentationMeter  # noqa: E402
-from segearthr1.logging_utils import setup_logging  # noqa: E402
+from segearthr1.runtime import setup_logging  # noqa: E402
 
 logger = logging.getLogger("quickstart_report")
 

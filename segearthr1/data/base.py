@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import DatasetCorruptedError, DatasetNotFoundError
-from ..logging_utils import warning_once
+from ..runtime import warning_once
 from ..processing import TextEncoder
 from .fast_decode import read_image_for_letterbox
 from .image_io import read_image_rgb

@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import DatasetCorruptedError, DatasetNotFoundError
-from ..logging_utils import setup_logging
+from ..runtime import setup_logging
 from .integrity import small_image_message
 from .registry import DATASETS, build_dataset, canonical_dataset, default_data_root, get_spec
 from .spec import SPLITS

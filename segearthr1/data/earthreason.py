@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DatasetCorruptedError, DatasetNotFoundError
-from ..logging_utils import warning_once
 from ..processing import REASON_SEG, REASONING_PROMPT
+from ..runtime import warning_once
 from .base import ReasoningSegDataset, SampleSource, list_preview
 from .image_io import read_mask
 from .integrity import read_json_file

@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from ..errors import DatasetCorruptedError
-from ..logging_utils import warning_once
+from ..runtime import warning_once
 from .integrity import check_file_path, check_image_bytes, small_image_message
 
 logger = logging.getLogger(__name__)

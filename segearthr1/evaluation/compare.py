@@ -206,7 +206,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    from ..logging_utils import setup_logging
+    from ..runtime import setup_logging
 
     setup_logging(logging.INFO)
     args = build_parser(prog).parse_args(argv)

@@ -15,10 +15,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .. import distributed
+from .. import runtime
 from ..data.collate import DataCollator, batch_to_device
 from ..data.transforms import denormalize_images, unletterbox_logits
-from ..numerics import check_finite_logits
 from ..visualization import draw_overlay, save_rgb_png
 from .files import MaskWriter
 from .metrics import IGNORE_MASK_VALUE, SegmentationMeter, foreground_counts, foreground_iou
@@ -68,7 +67,7 @@ def evaluate_model(model, dataset, pad_token_id: int, *, batch_size: int = 1, nu
     if len(ids) != n_total:
         raise ValueError(f"got {len(ids)} sample ids for a dataset of {n_total} samples; pass one id per sample")
     selected = range(min(limit, n_total) if limit is not None else n_total)
-    rank, world = distributed.get_rank(), distributed.get_world_size()
+    rank, world = runtime.get_rank(), runtime.get_world_size()
     shard = IndexedSubset(dataset, shard_indices(selected, rank, world), seed=seed)
     device = device or _model_device(model)
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -91,7 +90,7 @@ def evaluate_model(model, dataset, pad_token_id: int, *, batch_size: int = 1, nu
             out = model.predict(**batch_to_device(batch, device))
             logits = getattr(out, "mask_logits", None)
             if logits is not None:
-                check_finite_logits(logits, f"evaluation batch {step} ({', '.join(names)})", logger)
+                runtime.check_finite_logits(logits, f"evaluation batch {step} ({', '.join(names)})", logger)
             pred = out.masks.detach().to("cpu", torch.bool)
             orig = [None] * len(indices)
             if original_resolution and logits is not None and "orig_masks" in batch and "letterbox" in batch:

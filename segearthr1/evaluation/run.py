@@ -39,7 +39,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .. import distributed
+from .. import runtime
 from ..data.registry import build_dataset, default_data_root, get_spec
 from ..errors import (CheckpointCorruptedError, CheckpointKeyError, CheckpointNotFoundError, DatasetCorruptedError,
                       DatasetNotFoundError, DependencyNotFoundError)
@@ -85,8 +85,8 @@ def _seed_everything(seed: int) -> None:
 
 def _letterbox_size(model_dir: Path, args: argparse.Namespace) -> int:
     """The model's input size S, read from config.json before the (slow) weight load."""
-    from ..pretrained import read_json
-    from ..reference_config import is_reference_config
+    from ..weights.files import read_json
+    from ..weights.reference_config import is_reference_config
 
     raw = read_json(model_dir / "config.json")
     if is_reference_config(raw):
@@ -111,9 +111,10 @@ def run(args: argparse.Namespace) -> EvalResult:
     """The CLI workflow without logging set-up: load, evaluate (sharded), write files on rank 0."""
     from .. import __version__
     from ..data.base import text_token_budget
-    from ..pretrained import MODEL_DIR_LAYOUT, load_pretrained, load_tokenizer
+    from ..weights.files import MODEL_DIR_LAYOUT, load_tokenizer
+    from ..weights.pretrained import load_pretrained
 
-    ctx = distributed.init_distributed(args.device)
+    ctx = runtime.init_distributed(args.device)
     try:
         _seed_everything(args.seed)
         _log_ignored_flags(args)
@@ -147,7 +148,7 @@ def run(args: argparse.Namespace) -> EvalResult:
                 if d is not None:
                     clear_stale_predictions(d)
                     d.mkdir(parents=True, exist_ok=True)
-        distributed.barrier()
+        runtime.barrier()
         n_eval = min(args.limit, len(dataset)) if args.limit else len(dataset)
         if ctx.is_main:
             logger.info("evaluating %s on %s/%s: %d of %d samples, %d process(es), %s, batch %d", model_dir,
@@ -204,14 +205,14 @@ def run(args: argparse.Namespace) -> EvalResult:
                 logger.info("predicted masks (%dx%d letterboxed, 0/255): %s", image_size, image_size, pred_dir)
             if vis_dir is not None:
                 logger.info("overlays of the first %d samples: %s", min(args.num_vis, n_eval), vis_dir)
-        distributed.barrier()
+        runtime.barrier()
         return result
     finally:
-        distributed.cleanup(ctx)
+        runtime.cleanup(ctx)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ..logging_utils import setup_logging
+    from ..runtime import setup_logging
 
     args = parse_args(argv)
     setup_logging(getattr(logging, args.log_level))

@@ -163,7 +163,7 @@ def build_parser(prog: str = "segearthr1 demo") -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, prog: str = "segearthr1 demo") -> int:
-    from ..logging_utils import setup_logging
+    from ..runtime import setup_logging
 
     args = build_parser(prog).parse_args(argv)
     setup_logging()

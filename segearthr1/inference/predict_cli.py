@@ -328,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None, prog: str = "segearthr1 predict") -> int:
-    from ..logging_utils import setup_logging
+    from ..runtime import setup_logging
 
     parser = build_parser(prog)
     args = parser.parse_args(argv)

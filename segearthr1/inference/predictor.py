@@ -31,7 +31,7 @@ from ..data.collate import DataCollator
 from ..data.image_io import bands_to_rgb_uint8, read_image_rgb
 from ..data.registry import names_for_task
 from ..data.transforms import LetterboxGeometry, letterbox_image, normalize_image, unletterbox_logits
-from ..numerics import check_finite_logits
+from ..runtime import check_finite_logits
 from ..processing import (ANSWER_TOKEN_INDEX, IMAGE_TOKEN_INDEX, REFER_TOKEN_INDEX, SEG_TOKEN_INDEX,
                           TASK_PROMPTS, encode_query)
 from ..visualization import draw_overlay
@@ -223,7 +223,7 @@ class Predictor:
                  bands: Sequence[int] | None = None, threshold: float = 0.0, simplify: float | None = None,
                  max_query_tokens: int | None = None, tile: bool = False, tile_size: int | None = None,
                  overlap: int | None = None):
-        from ..pretrained import load_pretrained
+        from ..weights.pretrained import load_pretrained
 
         check_device(device)
         model, tokenizer = load_pretrained(model_path, mask_config=mask_config, device=device, dtype=dtype,

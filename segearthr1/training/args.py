@@ -11,13 +11,13 @@ validated dict (saved as resolved_config.yaml with each run). Sections:
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config_io import apply_overrides, deep_merge, expand_env, load_yaml_config, parse_value, set_dotted
+from ..config_io import (apply_overrides, check_known_keys, deep_merge, expand_env, load_yaml_config, parse_value,
+                         set_dotted)
 from ..data.registry import canonical_dataset, foreground_choices
 from ..data.spec import SAMPLING_MODES
 from .typecheck import check_section, dataclass_hints
@@ -25,12 +25,7 @@ from .typecheck import check_section, dataclass_hints
 MODEL_KEYS = ("text_config", "image_size", "vision", "connector", "description_projector", "pixel_decoder",
               "mask_decoder", "loss", "lora", "llm_attn_implementation", "mask_config")
 def _strict(cls, data: dict, section: str):
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in data if k not in names]
-    if unknown:
-        hints = [f"{section}.{k}" + (f" (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, names, 1)) else "")
-                 for k in unknown]
-        raise ValueError(f"unknown config key(s): {', '.join(hints)}; valid keys in {section}: {names}")
+    check_known_keys(data, [f.name for f in dataclasses.fields(cls)], f"{section}.")
     return cls(**data)
 
 
@@ -82,6 +77,30 @@ def _training_argument_names() -> set[str]:
     return {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
 
 
+# The training recipe (DESIGN.md §5) and the settings this code needs: the one place these values live.
+# A run config's `train:` section holds only what differs (configs/base.yaml: DeepSpeed, bf16, gradient
+# checkpointing, workers); `resolve_run_config` fills the rest in from here, so resolved_config.yaml shows
+# every value a run used.
+DEFAULT_TRAIN_ARGS = {
+    "output_dir": "outputs/run",
+    "num_train_epochs": 15,
+    "per_device_train_batch_size": 2,
+    "gradient_accumulation_steps": 1,
+    "learning_rate": 1e-4,
+    "weight_decay": 0.0,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.03,  # ratio of the total steps (float < 1)
+    "logging_steps": 10,
+    "save_strategy": "epoch",
+    "report_to": [],
+    "remove_unused_columns": False,  # our batch dict carries lists and strings the model needs
+    "dataloader_num_workers": 2,
+    "seed": 42,
+    # HF replaces a NaN/Inf loss by the running mean in its log ("loss 0" while the parts are nan);
+    # the non-finite guard stops such a run, and the log shows the real value.
+    "logging_nan_inf_filter": False,
+}
+
 # Ours, not TrainingArguments: resume, and the non-finite guard (error: stop at the first NaN/Inf loss;
 # skip: skip up to nonfinite_max_skips such steps, then stop).
 OUR_TRAIN_KEYS = ("resume", "nonfinite", "nonfinite_max_skips")
@@ -102,11 +121,7 @@ def apply_train_aliases(train: dict) -> dict:
 
 def validate_train_section(train: dict) -> None:
     valid = _training_argument_names() | set(OUR_TRAIN_KEYS) | set(TRAIN_ALIASES)
-    unknown = [k for k in train if k not in valid]
-    if unknown:
-        hints = [f"train.{k}" + (f" (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, sorted(valid), 1)) else "")
-                 for k in unknown]
-        raise ValueError(f"unknown config key(s): {', '.join(hints)}; train.* takes HF TrainingArguments fields")
+    check_known_keys(train, sorted(valid), "train.", valid_note="train.* takes HF TrainingArguments fields")
     check_section("train", train, _train_types())
     if train.get("nonfinite_max_skips", 0) < 0:
         raise ValueError(f"train.nonfinite_max_skips={train['nonfinite_max_skips']} must be >= 0")
@@ -125,9 +140,7 @@ def validate_run_config(config: dict) -> dict:
     from ..configuration import SegEarthR1Config
 
     model = dict(config.get("model", {}))
-    unknown = [k for k in model if k not in MODEL_KEYS]
-    if unknown:
-        raise ValueError(f"unknown config key(s): {', '.join('model.' + k for k in unknown)}; valid: {list(MODEL_KEYS)}")
+    check_known_keys(model, MODEL_KEYS, "model.")
     SegEarthR1Config(**build_model_kwargs(model))  # raises on bad sub-keys / values
     validate_train_section(config.get("train", {}))
     # The resolved config is complete and canonical (defaults filled in, dataset names normalised).
@@ -141,7 +154,7 @@ def validate_run_config(config: dict) -> dict:
 def build_model_kwargs(model_section: dict) -> dict:
     """SegEarthR1Config kwargs from the model section; a `mask_config` YAML supplies the decoder dims
     (explicit model keys win over it)."""
-    from ..reference_config import load_mask_config, mask_config_to_sections
+    from ..weights.reference_config import load_mask_config, mask_config_to_sections
 
     model = dict(model_section)
     mask_config = model.pop("mask_config", None)
@@ -233,7 +246,7 @@ def resolve_run_config(config_path: str | Path | None, overrides: list[str] | No
     config = apply_overrides(config, overrides or [])
     config, ignored = apply_reference_flags(config, flag_pairs or [])
     config = expand_env(config)
-    apply_train_aliases(config["train"])
+    config["train"] = {**DEFAULT_TRAIN_ARGS, **apply_train_aliases(config["train"])}
     validate_run_config(config)
     return config, ignored
 

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from ..checkpoint_files import check_file, check_json
+from ..weights.integrity import check_file, check_json
 from ..errors import CheckpointCorruptedError, CheckpointSaveError
 
 logger = logging.getLogger(__name__)

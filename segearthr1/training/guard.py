@@ -12,9 +12,9 @@ import math
 import torch
 import torch.distributed as dist
 
-from ..distributed import all_gather_objects
+from ..runtime import all_gather_objects
 from ..errors import NonFiniteError
-from ..numerics import count_nonfinite
+from ..runtime import count_nonfinite
 
 logger = logging.getLogger(__name__)
 

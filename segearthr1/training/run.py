@@ -34,31 +34,14 @@ import torch
 
 from ..config_io import dump_yaml
 from ..errors import CheckpointCorruptedError, CheckpointSaveError, NonFiniteError
-from ..logging_utils import is_main_process, setup_logging
-from .args import OUR_TRAIN_KEYS, build_model_kwargs, data_args, init_args, resolve_run_config, split_cli_pairs
+from ..runtime import is_main_process, setup_logging
+from .args import (DEFAULT_TRAIN_ARGS, OUR_TRAIN_KEYS, build_model_kwargs, data_args, init_args, resolve_run_config,
+                   split_cli_pairs)
 from .curves import TrainingCurvesCallback
+from .shm_release import ReleaseDeepSpeedShmCallback
 
 logger = logging.getLogger("segearthr1.train")
 
-DEFAULT_TRAIN_ARGS = {
-    # DESIGN.md §5 recipe; YAML `train:` keys override these.
-    "output_dir": "outputs/run",
-    "num_train_epochs": 15,
-    "per_device_train_batch_size": 2,
-    "learning_rate": 1e-4,
-    "weight_decay": 0.0,
-    "lr_scheduler_type": "cosine",
-    "warmup_steps": 0.03,  # ratio of the total steps (float < 1)
-    "logging_steps": 10,
-    "save_strategy": "epoch",
-    "report_to": [],
-    "remove_unused_columns": False,  # our batch dict carries lists and strings the model needs
-    "dataloader_num_workers": 2,
-    "seed": 42,
-    # HF replaces a NaN/Inf loss by the running mean in its log ("loss 0" while the parts are nan);
-    # the non-finite guard stops such a run, and the log shows the real value.
-    "logging_nan_inf_filter": False,
-}
 # Errors that end a run with one clear line (exit 1) instead of a traceback.
 RUN_ERRORS = (NonFiniteError, CheckpointSaveError, CheckpointCorruptedError)
 
@@ -110,7 +93,9 @@ def build_model_and_tokenizer(config: dict):
     initialised (tiny/CPU configs) with the tokenizer from `init.tokenizer_path`."""
     from ..configuration import SegEarthR1Config
     from ..modeling.segearthr1 import SegEarthR1ForReasoningSegmentation
-    from ..pretrained import build_for_training, load_tokenizer, setup_tokenizer_and_embeddings
+    from ..weights.embeddings import setup_tokenizer_and_embeddings
+    from ..weights.files import load_tokenizer
+    from ..weights.initialisation import build_for_training
 
     init = init_args(config)
     model_config = SegEarthR1Config(**build_model_kwargs(config["model"]))
@@ -218,7 +203,8 @@ def _train(config: dict, config_path) -> int:
     trainer = SegEarthR1Trainer(
         model=model, args=training_args, train_dataset=train_set,
         data_collator=DataCollator(tokenizer.pad_token_id, max_length=data.max_length),
-        processing_class=tokenizer, guard=guard, run_files_dir=output_dir, callbacks=[TrainingCurvesCallback()])
+        processing_class=tokenizer, guard=guard, run_files_dir=output_dir,
+        callbacks=[TrainingCurvesCallback(), ReleaseDeepSpeedShmCallback()])
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     final_dir = output_dir / "final"

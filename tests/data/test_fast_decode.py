@@ -15,7 +15,7 @@ from segearthr1 import evaluate as ev
 from segearthr1.data.earthreason import EarthReasonDataset
 from segearthr1.data.fast_decode import read_image_for_letterbox, reduction_for
 from segearthr1.data.synthetic import generate
-from segearthr1.pretrained import save_pretrained
+from segearthr1.weights.pretrained import save_pretrained
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 from make_large_jpegs import upscale_split  # noqa: E402

@@ -4,7 +4,7 @@ import torch
 
 from model_utils import make_batch, tiny_config, trained_tokenizer
 from segearthr1.modeling.segearthr1 import SegEarthR1ForReasoningSegmentation
-from segearthr1.pretrained import load_pretrained, save_pretrained
+from segearthr1.weights.pretrained import load_pretrained, save_pretrained
 
 LORA = dict(enabled=True, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
 

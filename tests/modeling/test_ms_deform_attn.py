@@ -1,4 +1,5 @@
-"""Multi-scale deformable attention: pure-PyTorch core vs a slow per-point reference, init, impl choice."""
+"""Multi-scale deformable attention: both pure-PyTorch cores (grid_sample, gather) vs a slow per-point
+reference and each other (values and gradients), init, impl choice."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +10,9 @@ import torch
 
 from segearthr1.errors import DependencyNotFoundError
 from segearthr1.modeling import ms_deform_attn as mda
-from segearthr1.modeling.ms_deform_attn import MSDeformAttn, ms_deform_attn_core_pytorch
+from segearthr1.modeling.ms_deform_attn import MSDeformAttn, ms_deform_attn_core_gather, ms_deform_attn_core_pytorch
+
+CORES = pytest.mark.parametrize("core", [ms_deform_attn_core_pytorch, ms_deform_attn_core_gather], ids=["grid_sample", "gather"])
 
 
 def slow_core(value, shapes, locations, weights):
@@ -49,34 +52,85 @@ def _random_case(batch=2, heads=2, dim=3, shapes=((3, 4), (2, 2), (1, 3)), queri
     return value, list(shapes), locations, weights
 
 
-def test_core_matches_slow_reference():
+@CORES
+def test_core_matches_slow_reference(core):
     value, shapes, locations, weights = _random_case()
-    fast = ms_deform_attn_core_pytorch(value, shapes, locations, weights)
-    assert fast.shape == (2, 5, 6)
+    fast = core(value, shapes, locations, weights)
+    assert fast.shape == (2, 5, 6) and fast.dtype == value.dtype
     torch.testing.assert_close(fast.double(), slow_core(value, shapes, locations, weights), atol=1e-5, rtol=1e-5)
     # spatial shapes given as a long tensor (the reference call form) give the same result
-    torch.testing.assert_close(ms_deform_attn_core_pytorch(value, torch.tensor(shapes), locations, weights), fast)
+    torch.testing.assert_close(core(value, torch.tensor(shapes), locations, weights), fast)
 
 
-def test_core_exact_pixel_centres_and_outside():
-    """At a pixel centre the sample is that pixel; far outside the map it is zero."""
-    value = torch.arange(12.0).view(1, 12, 1, 1)  # one level 3x4, one head, dim 1
+@CORES
+def test_core_exact_pixel_centres_and_outside(core):
+    """At a pixel centre the sample is that pixel; far outside the map, and on the far side of every
+    border, it is zero; half a pixel beyond the last centre it is half that pixel (zero padding)."""
+    value = torch.arange(1.0, 13.0).view(1, 12, 1, 1)  # one level 3x4, one head, dim 1; pixel (r, c) = 4r + c + 1
     shapes = [(3, 4)]
-    centre = torch.tensor([(2 + 0.5) / 4, (1 + 0.5) / 3])  # pixel (row 1, col 2) -> index 6
-    outside = torch.tensor([2.0, 2.0])
-    locations = torch.stack([centre, outside]).view(1, 1, 1, 1, 2, 2)
-    out_centre = ms_deform_attn_core_pytorch(value, shapes, locations, torch.tensor([1.0, 0.0]).view(1, 1, 1, 1, 2))
-    out_outside = ms_deform_attn_core_pytorch(value, shapes, locations, torch.tensor([0.0, 1.0]).view(1, 1, 1, 1, 2))
-    assert out_centre.item() == pytest.approx(6.0, abs=1e-6)
-    assert out_outside.item() == 0.0
+    cases = [((2.5 / 4, 1.5 / 3), 7.0), ((2.0, 2.0), 0.0), ((-1.0, 0.5), 0.0), ((0.5, -3.0), 0.0),
+             ((0.5, 5.0), 0.0), ((1.0, 0.5 / 3), 2.0), ((0.0, 0.5 / 3), 0.5)]
+    for (x, y), expected in cases:
+        locations = torch.tensor([x, y]).view(1, 1, 1, 1, 1, 2)
+        out = core(value, shapes, locations, torch.ones(1, 1, 1, 1, 1))
+        assert out.item() == pytest.approx(expected, abs=1e-6), (x, y)
 
 
-def test_core_rejects_inconsistent_shapes():
+@CORES
+def test_core_rejects_inconsistent_shapes(core):
     value, shapes, locations, weights = _random_case()
     with pytest.raises(ValueError, match="positions"):
-        ms_deform_attn_core_pytorch(value, [(3, 4), (2, 2), (1, 2)], locations, weights)
+        core(value, [(3, 4), (2, 2), (1, 2)], locations, weights)
     with pytest.raises(ValueError, match="levels"):
-        ms_deform_attn_core_pytorch(value, shapes[:2], locations, weights)
+        core(value, shapes[:2], locations, weights)
+
+
+def _core_with_grads(core, value, shapes, locations, weights, grad_out):
+    leaves = [t.detach().clone().requires_grad_() for t in (value, locations, weights)]
+    out = core(leaves[0], shapes, leaves[1], leaves[2])
+    out.backward(grad_out)
+    return out.detach(), [t.grad for t in leaves]
+
+
+def test_gather_core_matches_grid_sample_core_with_gradients():
+    """Values and all three gradients agree (odd level sizes, batch 2, locations in and around the maps).
+    Locations stay off pixel centres, where bilinear sampling has a kink and each core may pick a side."""
+    value, shapes, locations, weights = _random_case(batch=2, heads=3, dim=5, shapes=((7, 5), (4, 3), (2, 1)),
+                                                     queries=11, points=3)
+    grad_out = torch.randn(2, 11, 15)
+    ref_out, ref_grads = _core_with_grads(ms_deform_attn_core_pytorch, value, shapes, locations, weights, grad_out)
+    out, grads = _core_with_grads(ms_deform_attn_core_gather, value, shapes, locations, weights, grad_out)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    for name, got, expected in zip(("value", "locations", "weights"), grads, ref_grads):
+        assert got.abs().sum() > 0, name
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_gather_core_low_precision_inputs_are_sampled_in_fp32():
+    """bf16 values/locations give the fp32 result of the same (rounded) inputs, returned in bf16."""
+    value, shapes, locations, weights = _random_case(batch=1, heads=2, dim=4, shapes=((9, 6), (5, 3), (2, 2)),
+                                                     queries=13, points=4)
+    low = [t.bfloat16() for t in (value, locations, weights)]
+    out = ms_deform_attn_core_gather(low[0], shapes, low[1], low[2])
+    assert out.dtype == torch.bfloat16
+    expected = ms_deform_attn_core_pytorch(low[0].float(), shapes, low[1].float(), low[2].float())
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+    strided = ms_deform_attn_core_gather(low[0].transpose(2, 3).contiguous().transpose(2, 3), shapes, low[1], low[2])
+    torch.testing.assert_close(strided, out, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("impl", ["pytorch", "gather"])
+def test_layer_impls_agree(impl):
+    torch.manual_seed(0)
+    attn = MSDeformAttn(d_model=16, n_levels=3, n_heads=4, n_points=2, impl=impl)
+    torch.nn.init.normal_(attn.sampling_offsets.weight, std=0.3)
+    torch.nn.init.normal_(attn.attention_weights.weight, std=0.3)
+    shapes = [(6, 5), (3, 3), (2, 1)]
+    x = torch.randn(2, 41, 16)
+    ref = torch.rand(2, 41, 3, 2)
+    out = attn(x, ref, x, shapes)
+    attn.impl = "pytorch"
+    torch.testing.assert_close(out, attn(x, ref, x, shapes), atol=1e-5, rtol=1e-5)
 
 
 def test_parameter_names_and_reference_init():
@@ -136,9 +190,11 @@ def test_impl_selection(caplog):
             mda.resolve_impl("cuda", torch.device("cpu"))
     mda._log_auto_choice.cache_clear()
     with caplog.at_level(logging.INFO, logger="segearthr1.modeling.ms_deform_attn"):
-        assert mda.resolve_impl("auto", torch.device("cpu")) == "pytorch"
-        assert mda.resolve_impl("auto", torch.device("cpu")) == "pytorch"
-    assert sum("impl=auto -> pytorch" in r.getMessage() for r in caplog.records) == 1
+        assert mda.resolve_impl("auto", torch.device("cpu")) == "gather"
+        assert mda.resolve_impl("auto", torch.device("cpu")) == "gather"
+    assert sum("impl=auto -> gather" in r.getMessage() for r in caplog.records) == 1
+    assert mda.resolve_impl("pytorch", torch.device("cpu")) == "pytorch"
+    assert mda.resolve_impl("gather", torch.device("cpu")) == "gather"
 
 
 def test_gradients_reach_all_parameters():
@@ -159,8 +215,9 @@ def test_cuda_matches_cpu():
     value, shapes, locations, weights = _random_case(batch=2, heads=4, dim=8, shapes=((16, 12), (8, 6), (4, 3)), queries=50, points=4)
     cpu = ms_deform_attn_core_pytorch(value, shapes, locations, weights)
     dev = torch.device("cuda")
-    gpu = ms_deform_attn_core_pytorch(value.to(dev), shapes, locations.to(dev), weights.to(dev))
-    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-5, rtol=1e-4)
+    for core in (ms_deform_attn_core_pytorch, ms_deform_attn_core_gather):
+        gpu = core(value.to(dev), shapes, locations.to(dev), weights.to(dev))
+        torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-5, rtol=1e-4)
     if mda._compiled_op() is not None:
         shapes_t = torch.tensor(shapes, device=dev)
         start = torch.cat((shapes_t.new_zeros(1), shapes_t.prod(1).cumsum(0)[:-1]))

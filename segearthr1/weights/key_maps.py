@@ -3,7 +3,7 @@
 One ordered, anchored rename table maps every reference (upstream) parameter name to our module
 tree; the inverse is derived for export. Conversion is strict: every source key must match a rule or
 a documented drop pattern, and every model key must be produced, or `CheckpointKeyError` lists the
-offenders (DESIGN.md §3).
+offenders (DESIGN.md §3). The Mask2Former (`.pkl`) table used to initialise training is here too.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from .errors import CheckpointKeyError
+from ..errors import CheckpointKeyError
 
 # upstream prefix -> our prefix; first match wins (order matters: `model.vision_tower.` before `model.`).
 # Identity rules are listed too, so coverage is total; the inverse (export) uses the same pairs.
@@ -101,7 +101,8 @@ def split_fused_qkv(tensor: torch.Tensor, num_heads: int) -> tuple[torch.Tensor,
     """transformers-4.36 Phi `query_key_value` rows are ordered (head, q|k|v, head_dim) -> q, k, v."""
     rows = tensor.shape[0]
     if rows % (3 * num_heads):
-        raise ValueError(f"fused q|k|v tensor has {rows} rows, not divisible by 3 x {num_heads} heads")
+        raise ValueError(f"fused q|k|v tensor has {rows} rows, not divisible by 3 x {num_heads} heads; the "
+                         "checkpoint's LLM does not match text_config.num_attention_heads")
     head_dim = rows // (3 * num_heads)
     grouped = tensor.reshape(num_heads, 3, head_dim, *tensor.shape[1:])
     return tuple(grouped[:, i].reshape(num_heads * head_dim, *tensor.shape[1:]).contiguous() for i in range(3))
@@ -147,7 +148,7 @@ def fuse_split_attention(state_dict: Mapping[str, torch.Tensor], num_heads: int)
                 group["q_proj"], group["k_proj"], group["v_proj"], num_heads)
     incomplete = [f"{p}.*.{k}" for (p, k), g in pending.items() if len(g) != 3]
     if incomplete:
-        raise CheckpointKeyError(_format_offenders("incomplete q/k/v groups", incomplete))
+        raise CheckpointKeyError(what=_format_offenders("incomplete q/k/v groups", incomplete))
     return out
 
 
@@ -170,7 +171,7 @@ def convert_upstream_state_dict(state_dict: Mapping[str, torch.Tensor], num_head
         kept[new_key] = value
         report.renamed[key] = new_key
     if unmatched:
-        raise CheckpointKeyError(_format_offenders(
+        raise CheckpointKeyError(what=_format_offenders(
             "checkpoint keys that match no rule of UPSTREAM_KEY_MAP and no drop pattern", unmatched))
     converted = split_fused_attention(kept, num_heads, report)
     if model_keys is not None:
@@ -190,7 +191,7 @@ def convert_to_upstream_state_dict(state_dict: Mapping[str, torch.Tensor], num_h
         else:
             out[new_key] = value
     if unmatched:
-        raise CheckpointKeyError(_format_offenders("model keys without an upstream name", unmatched))
+        raise CheckpointKeyError(what=_format_offenders("model keys without an upstream name", unmatched))
     return fuse_split_attention(out, num_heads) if fuse_attention else out
 
 
@@ -211,7 +212,7 @@ def verify_keys(state_dict: Mapping[str, torch.Tensor], model_keys: Iterable[str
         if wrong:
             problems.append(_format_offenders("shape mismatches", wrong))
     if problems:
-        raise CheckpointKeyError("state dict does not match the model:\n" + "\n".join(problems))
+        raise CheckpointKeyError(what="state dict does not match the model:\n" + "\n".join(problems))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -271,7 +272,7 @@ def convert_mask2former_state_dict(weights: Mapping[str, object], model_keys: It
     if missing:
         problems.append(_format_offenders("model keys the Mask2Former checkpoint should provide", missing))
     if problems:
-        raise CheckpointKeyError("Mask2Former checkpoint does not match the model:\n" + "\n".join(problems))
+        raise CheckpointKeyError(what="Mask2Former checkpoint does not match the model:\n" + "\n".join(problems))
     return out, left_at_init
 
 

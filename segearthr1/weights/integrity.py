@@ -16,7 +16,7 @@ import struct
 import zipfile
 from pathlib import Path
 
-from .errors import CheckpointCorruptedError
+from ..errors import CheckpointCorruptedError
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
@@ -28,25 +28,25 @@ def check_safetensors(path: str | Path) -> None:
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise CheckpointCorruptedError(f"{path} is truncated: {size} bytes, shorter than the 8-byte "
-                                           "safetensors header length")
+            raise CheckpointCorruptedError(what=f"{path} is truncated", found=f"{size} bytes",
+                                           expected="at least the 8-byte safetensors header length")
         (header_len,) = struct.unpack("<Q", head)
         if header_len > size - 8:
-            raise CheckpointCorruptedError(f"{path} is truncated or not a safetensors file: its header claims "
-                                           f"{header_len} bytes but the file has {size}")
+            raise CheckpointCorruptedError(what=f"{path} is truncated or not a safetensors file",
+                                           found=f"{size} bytes", expected=f"a header of {header_len} bytes and more")
         try:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CheckpointCorruptedError(f"{path} has a damaged safetensors header ({err})") from err
+            raise CheckpointCorruptedError(what=f"{path} has a damaged safetensors header ({err})") from err
     if not isinstance(header, dict):
-        raise CheckpointCorruptedError(f"{path} has a damaged safetensors header (not a JSON object)")
+        raise CheckpointCorruptedError(what=f"{path} has a damaged safetensors header (not a JSON object)")
     ends = [v["data_offsets"][1] for k, v in header.items()
             if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
     expected = 8 + header_len + max(ends, default=0)
     if size != expected:
         what = "truncated" if size < expected else "longer than its header says"
-        raise CheckpointCorruptedError(f"{path} is {what}: {size} bytes, its header describes {expected} "
-                                       f"({len(ends)} tensors); the save was interrupted or the file is damaged")
+        raise CheckpointCorruptedError(what=f"{path} is {what}", found=f"{size} bytes",
+                                       expected=f"{expected} bytes, as its header describes ({len(ends)} tensors)")
 
 
 def check_torch_file(path: str | Path) -> None:
@@ -56,8 +56,8 @@ def check_torch_file(path: str | Path) -> None:
         with zipfile.ZipFile(path) as archive:
             archive.infolist()
     except (zipfile.BadZipFile, OSError) as err:
-        raise CheckpointCorruptedError(f"{path} is truncated or damaged ({path.stat().st_size} bytes; not a "
-                                       f"complete torch.save archive: {err})") from err
+        raise CheckpointCorruptedError(what=f"{path} is truncated or damaged", found=f"{path.stat().st_size} bytes "
+                                       f"that are not a complete torch.save archive ({err})") from err
 
 
 def check_json(path: str | Path) -> object:
@@ -67,7 +67,7 @@ def check_json(path: str | Path) -> object:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         size = path.stat().st_size
-        raise CheckpointCorruptedError(f"{path} is not valid JSON ({'empty file' if size == 0 else err})") from err
+        raise CheckpointCorruptedError(what=f"{path} is not valid JSON ({'empty file' if size == 0 else err})") from err
 
 
 def check_file(path: str | Path) -> None:

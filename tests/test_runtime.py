@@ -1,0 +1,60 @@
+"""runtime: one rank/world-size rule (process group, else the launcher's environment), device/dtype choice."""
+import logging
+
+import pytest
+import torch
+
+from segearthr1 import runtime
+
+
+def test_rank_and_world_size_fall_back_to_the_launcher_environment(monkeypatch):
+    assert not runtime.is_initialized()
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert (runtime.get_rank(), runtime.get_world_size(), runtime.is_main_process()) == (0, 1, True)
+    assert runtime.all_gather_objects({"a": 1}) == [{"a": 1}]
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert (runtime.get_rank(), runtime.get_world_size(), runtime.is_main_process()) == (3, 4, False)
+    with pytest.raises(RuntimeError, match="WORLD_SIZE=4 but torch.distributed is not initialised"):
+        runtime.all_gather_objects(1)  # never return one rank's part as if it were all of them
+    monkeypatch.setenv("RANK", "x")
+    with pytest.raises(ValueError, match="RANK='x' is not an integer"):
+        runtime.get_rank()
+
+
+def test_log_main_logs_on_rank_zero_only(monkeypatch, caplog):
+    log = logging.getLogger("segearthr1.test_runtime")
+    with caplog.at_level(logging.INFO):
+        monkeypatch.setenv("RANK", "1")
+        runtime.log_main("from rank one", log=log)
+        monkeypatch.setenv("RANK", "0")
+        runtime.log_main("from rank zero", log=log)
+    assert "from rank zero" in caplog.text and "from rank one" not in caplog.text
+
+
+def test_device_and_dtype_resolution():
+    cpu = torch.device("cpu")
+    assert runtime.resolve_device("cpu") == cpu and runtime.resolve_device(cpu, local_rank=1) == cpu
+    assert runtime.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda' was requested but CUDA is not available"):
+            runtime.resolve_device("cuda")
+    assert runtime.resolve_dtype(None, cpu) == torch.float32
+    assert runtime.resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert runtime.resolve_dtype("bf16", cpu) == torch.bfloat16 and runtime.resolve_dtype(torch.float16, cpu) == torch.float16
+    with pytest.raises(ValueError, match="dtype='int8' is not supported"):
+        runtime.resolve_dtype("int8", cpu)
+
+
+def test_non_finite_logits_are_named(caplog):
+    from segearthr1.errors import NonFiniteError
+
+    logits = torch.tensor([0.0, float("nan"), float("inf")])
+    log = logging.getLogger("segearthr1.test_runtime")
+    with caplog.at_level(logging.WARNING):
+        assert runtime.check_finite_logits(logits, "batch 3 (a, b)", log) == 2
+    assert "batch 3 (a, b): the model produced 2 non-finite mask logits of 3" in caplog.text
+    with pytest.raises(NonFiniteError, match="use an earlier checkpoint"):
+        runtime.check_finite_logits(logits, "batch 3", log, strict=True)
+    assert runtime.check_finite_logits(torch.zeros(3), "ok", log) == 0 and runtime.count_nonfinite(torch.arange(3)) == 0
