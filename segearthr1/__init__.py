@@ -20,7 +20,7 @@ _EXPORTS = {
     "export_reference_release": "segearthr1.weights.export",
     "MaskCriterion": "segearthr1.losses",
     "SegmentationMeter": "segearthr1.evaluation.metrics",
-    "evaluate_model": "segearthr1.evaluate",
+    "evaluate_model": "segearthr1.evaluation.loop",
     "build_dataset": "segearthr1.data.registry",
     "DataCollator": "segearthr1.data.collate",
     "Predictor": "segearthr1.inference.predictor",

@@ -107,7 +107,7 @@ def build_model(args, device: torch.device | str = "cpu"):
 
 def build_batch(tokenizer, dataset: str, batch_size: int, image_size: int, train: bool, seed: int) -> dict:
     from .data.collate import DataCollator
-    from .processing import encode_sample_text
+    from .data.registry import encode_sample_text
 
     gen = torch.Generator().manual_seed(seed)
     samples = []

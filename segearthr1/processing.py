@@ -17,7 +17,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 # --- sentinel ids (placeholders in input_ids) and the label ignore value --------------------------
-IGNORE_INDEX = -100
+IGNORE_LABEL_ID = -100  # token label the LM loss skips (torch cross_entropy's ignore_index); masks use 255
 IMAGE_TOKEN_INDEX = -200
 SEG_TOKEN_INDEX = -201
 REFER_TOKEN_INDEX = -204
@@ -60,8 +60,10 @@ REFERRING_ASSISTANT_SHORT = "\nSure."  # RRSIS-D evaluation only (reference quir
 REASONING_ASSISTANT = "Sure, It is <seg>. \n<answer>."
 NO_TARGET_ANSWER = "There is no target object in the image."  # EarthReason answer when the list is empty
 
+# --- dataset types: the two tasks, and the prompt templates a dataset declares (data/registry.py) ----
 REFER_SEG = "refer_seg"
 REASON_SEG = "reason_seg"
+DATASET_TYPES = (REASON_SEG, REFER_SEG)
 
 
 @dataclass(frozen=True)
@@ -77,28 +79,13 @@ class PromptTemplate:
         return ANSWER_PLACEHOLDER in self.assistant
 
 
-_REFERRING = PromptTemplate(REFERRING_USER, REFERRING_ASSISTANT, REFER_SEG)
-_REASONING = PromptTemplate(REASONING_USER, REASONING_ASSISTANT, REASON_SEG)
-PROMPTS: dict[tuple[str, bool], PromptTemplate] = {
-    ("RefSegRS", True): _REFERRING,
-    ("RefSegRS", False): _REFERRING,
-    ("RRSIS-D", True): _REFERRING,
-    ("RRSIS-D", False): PromptTemplate(REFERRING_USER, REFERRING_ASSISTANT_SHORT, REFER_SEG),
-    ("EarthReason", True): _REASONING,
-    ("EarthReason", False): _REASONING,
-}
-DATASET_NAMES = ("EarthReason", "RRSIS-D", "RefSegRS")
-# Prompt used for a free (image, query) pair at inference: the evaluation prompt of this dataset.
-TASK_DEFAULT_DATASET = {"reasoning": "EarthReason", "referring": "RefSegRS"}
-
-
-def get_prompt_template(dataset: str, train: bool = True) -> PromptTemplate:
-    try:
-        return PROMPTS[(dataset, bool(train))]
-    except KeyError:
-        raise ValueError(
-            f"unknown dataset {dataset!r} for the prompt template; expected one of {list(DATASET_NAMES)}"
-        ) from None
+REFERRING_PROMPT = PromptTemplate(REFERRING_USER, REFERRING_ASSISTANT, REFER_SEG)
+REFERRING_SHORT_PROMPT = PromptTemplate(REFERRING_USER, REFERRING_ASSISTANT_SHORT, REFER_SEG)
+REASONING_PROMPT = PromptTemplate(REASONING_USER, REASONING_ASSISTANT, REASON_SEG)
+# Prompt used for a free (image, query) pair at inference: the evaluation prompt of the reference
+# dataset of each task (EarthReason for reasoning, RefSegRS for referring).
+TASK_PROMPTS: dict[str, PromptTemplate] = {"reasoning": REASONING_PROMPT, "referring": REFERRING_PROMPT}
+TASK_OF_TYPE = {REASON_SEG: "reasoning", REFER_SEG: "referring"}
 
 
 def render_conversation(user: str, assistant: str, system: str = DEFAULT_SYSTEM,
@@ -107,9 +94,8 @@ def render_conversation(user: str, assistant: str, system: str = DEFAULT_SYSTEM,
     return f"[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] {assistant} {separator}"
 
 
-def build_conversation(dataset: str, train: bool = True) -> str:
-    """The full prompt string of `dataset` (train or eval variant); identical for all its samples."""
-    template = get_prompt_template(dataset, train)
+def build_conversation(template: PromptTemplate) -> str:
+    """The full prompt string of `template`; identical for all samples of a dataset."""
     return render_conversation(template.user, template.assistant)
 
 
@@ -171,7 +157,7 @@ def tokenize_conversation(prompt: str, tokenizer, separator: str = DEFAULT_SEPAR
     total_len = int(input_ids.numel() if pad_id is None else (input_ids != pad_id).sum())
 
     cur_len = 1
-    labels[:cur_len] = IGNORE_INDEX
+    labels[:cur_len] = IGNORE_LABEL_ID
     for round_text in prompt.split(separator):
         if round_text == "":
             break
@@ -180,13 +166,13 @@ def tokenize_conversation(prompt: str, tokenizer, separator: str = DEFAULT_SEPAR
             break
         round_len = len(tokenize_with_placeholders(round_text, tokenizer))
         instruction_len = len(tokenize_with_placeholders(parts[0] + INSTRUCTION_END, tokenizer)) - 2
-        labels[cur_len:cur_len + instruction_len] = IGNORE_INDEX
+        labels[cur_len:cur_len + instruction_len] = IGNORE_LABEL_ID
         cur_len += round_len
-    labels[cur_len:] = IGNORE_INDEX
+    labels[cur_len:] = IGNORE_LABEL_ID
 
     max_len = getattr(tokenizer, "model_max_length", None)
     if (max_len is None or cur_len < max_len) and cur_len != total_len:
-        labels[:] = IGNORE_INDEX
+        labels[:] = IGNORE_LABEL_ID
         logger.warning("tokenization mismatch: %d vs. %d tokens; all labels of this sample are ignored",
                        cur_len, total_len)
     return input_ids, labels
@@ -201,11 +187,10 @@ def encode_payload(tokenizer, text: str) -> torch.Tensor:
 class TextEncoder:
     """Encodes the text side of samples of one dataset; the prompt is tokenised once and reused."""
 
-    def __init__(self, tokenizer, dataset: str, train: bool = True,
-                 template: PromptTemplate | None = None):
+    def __init__(self, tokenizer, template: PromptTemplate):
         self.tokenizer = tokenizer
-        self.template = template or get_prompt_template(dataset, train)
-        self.prompt = render_conversation(self.template.user, self.template.assistant)
+        self.template = template
+        self.prompt = build_conversation(template)
         self._input_ids, self._labels = tokenize_conversation(self.prompt, tokenizer)
         self._refer_indices = (self._input_ids == REFER_TOKEN_INDEX).long()
         self._answer_indices = (self._input_ids == ANSWER_TOKEN_INDEX).long()
@@ -232,31 +217,21 @@ class TextEncoder:
         return torch.tensor(ids + [self._seg_id], dtype=torch.long)
 
 
-def encode_sample_text(tokenizer, dataset_name: str, instruction: str, answer: str | None = None,
-                       train: bool = True) -> dict:
-    """Text-side sample dict of the reference datasets (DESIGN §2.9 keys, matches prompts.pt).
-
-    Returns input_ids, labels, token_refer_id, refer_embedding_indices, dataset_type, and for
-    EarthReason token_answer_id, answer_embedding_indices (answer None or "" -> NO_TARGET_ANSWER).
-    """
-    return TextEncoder(tokenizer, dataset_name, train)(instruction, answer)
-
-
-def encode_query(tokenizer, query: str, task: str = "reasoning", dataset: str | None = None) -> dict:
+def encode_query(tokenizer, query: str, task: str = "reasoning", template: PromptTemplate | None = None) -> dict:
     """Text-side inputs for a free (image, query) pair at inference, without ground truth.
 
-    Uses the *evaluation* prompt of `dataset` (default: EarthReason for task "reasoning", RefSegRS for
-    "referring"). For reasoning prompts the answer payload is just `[SEG]`: the answer sits after the
-    description positions in a causal LLM, so it cannot change the predicted mask.
+    Uses `template` (default: TASK_PROMPTS[task], the evaluation prompt of the task's reference
+    dataset; `data.registry.prompt_template(name, train=False)` gives another dataset's). For
+    reasoning prompts the answer payload is just `[SEG]`: the answer sits after the description
+    positions in a causal LLM, so it cannot change the predicted mask.
     """
-    if task not in TASK_DEFAULT_DATASET:
-        raise ValueError(f"task={task!r} is not supported; expected one of {list(TASK_DEFAULT_DATASET)}")
-    template = get_prompt_template(dataset or TASK_DEFAULT_DATASET[task], train=False)
-    expected = REASON_SEG if task == "reasoning" else REFER_SEG
-    if template.dataset_type != expected:
-        raise ValueError(f"dataset={dataset!r} is a {template.dataset_type} dataset but task={task!r}; "
-                         f"pick a {expected} dataset or change the task")
-    out = TextEncoder(tokenizer, "", template=template)(query)
+    if task not in TASK_PROMPTS:
+        raise ValueError(f"task={task!r} is not supported; expected one of {list(TASK_PROMPTS)}")
+    template = template or TASK_PROMPTS[task]
+    if TASK_OF_TYPE[template.dataset_type] != task:
+        raise ValueError(f"the prompt is a {template.dataset_type} prompt but task={task!r}; pick a "
+                         f"{TASK_PROMPTS[task].dataset_type} dataset's prompt or change the task")
+    out = TextEncoder(tokenizer, template)(query)
     if template.has_answer:
         out["token_answer_id"] = torch.tensor([seg_token_id(tokenizer)], dtype=torch.long)
     return out

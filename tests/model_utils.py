@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 from segearthr1.configuration import SegEarthR1Config
 from segearthr1.data.collate import DataCollator
 from segearthr1.modeling.segearthr1 import SegEarthR1ForReasoningSegmentation
-from segearthr1.processing import encode_sample_text
+from segearthr1.data.registry import encode_sample_text
 
 REFERENCE = Path(__file__).parent / "fixtures" / "reference"
 TOKENIZER_TRAINED = REFERENCE / "tokenizer_tiny_trained"  # [PAD]=998, [SEG]=999, len 1000

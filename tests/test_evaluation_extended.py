@@ -17,6 +17,8 @@ from torch import nn
 
 from model_utils import tiny_model, trained_tokenizer
 from segearthr1 import evaluate as ev
+from segearthr1.evaluation.files import read_mask_png, read_per_sample_csv
+from segearthr1.evaluation.loop import evaluate_model
 from segearthr1.data.synthetic import generate
 from segearthr1.evaluation import breakdown
 from segearthr1.evaluation.bootstrap import metric_intervals
@@ -57,7 +59,7 @@ def _iou(pred: np.ndarray, gt: np.ndarray) -> tuple[int, int, float]:
 
 def test_every_question_and_per_image_means(run_dir):
     metrics = json.loads((run_dir.out / "metrics.json").read_text())
-    rows = ev.read_per_sample_csv(run_dir.out / "per_sample.csv")
+    rows = read_per_sample_csv(run_dir.out / "per_sample.csv")
     split = run_dir.root / "rs_reason_seg" / "RSReasonSeg" / "val"
     n_questions = sum(len(json.loads(p.read_text())["questions"]) for p in (split / "QAs").glob("*.json"))
     assert metrics["num_samples"] == len(rows) == n_questions
@@ -76,11 +78,11 @@ def test_every_question_and_per_image_means(run_dir):
 
 def test_original_resolution_metrics_match_saved_masks(run_dir):
     metrics = json.loads((run_dir.out / "metrics.json").read_text())
-    rows = ev.read_per_sample_csv(run_dir.out / "per_sample.csv")
+    rows = read_per_sample_csv(run_dir.out / "per_sample.csv")
     inter_sum = union_sum = 0
     ious = []
     for r in rows:
-        pred = ev.read_mask_png(run_dir.out / "predictions_original" / f"{r['name']}.png")
+        pred = read_mask_png(run_dir.out / "predictions_original" / f"{r['name']}.png")
         gt = _original_gt(run_dir.root, r["image_name"])
         assert pred.shape == gt.shape  # mapped back to the image's own size
         inter, union, iou = _iou(pred, gt)
@@ -95,11 +97,11 @@ def test_original_resolution_metrics_match_saved_masks(run_dir):
 
 def test_empty_target_breakdown_and_intervals_match_independent_computation(run_dir):
     metrics = json.loads((run_dir.out / "metrics.json").read_text())
-    rows = ev.read_per_sample_csv(run_dir.out / "per_sample.csv")
+    rows = read_per_sample_csv(run_dir.out / "per_sample.csv")
     for key, prefix, pred_dir in (("letterboxed", "", "predictions"), ("original_resolution", "orig_",
                                                                           "predictions_original")):
         empty = np.array([r[f"{prefix}gt_pixels"] == 0 for r in rows])
-        predicted = np.array([ev.read_mask_png(run_dir.out / pred_dir / f"{r['name']}.png").any() for r in rows])
+        predicted = np.array([read_mask_png(run_dir.out / pred_dir / f"{r['name']}.png").any() for r in rows])
         iou = np.array([r[f"{prefix}iou"] for r in rows])
         et = metrics[key]["empty_target"]
         assert 0 < empty.sum() < len(rows)  # both groups present in the generated data
@@ -185,8 +187,8 @@ class _Tiny(torch.utils.data.Dataset):
 
 
 def test_non_finite_logits_are_reported(caplog):
-    with caplog.at_level(logging.WARNING, logger="segearthr1.evaluate"):
-        result = ev.evaluate_model(_NaNModel(), _Tiny(), pad_token_id=0)
+    with caplog.at_level(logging.WARNING, logger="segearthr1.evaluation.loop"):
+        result = evaluate_model(_NaNModel(), _Tiny(), pad_token_id=0)
     assert result.metrics["giou"] == 0.0
     messages = [r.getMessage() for r in caplog.records if "non-finite" in r.getMessage()]
     assert len(messages) == 2 and "s0" in messages[0] and "s1" in messages[1]

@@ -27,7 +27,7 @@ def test_resolved_config_lists_every_default_and_the_yaml_wins(tmp_path, monkeyp
 
 
 def test_training_arguments_get_the_recipe(monkeypatch):
-    from segearthr1.train import build_training_arguments
+    from segearthr1.training.run import build_training_arguments
 
     monkeypatch.chdir(ROOT)
     config, _ = resolve_run_config(ROOT / "configs" / "tiny.yaml", ["train.deepspeed=null"])

@@ -1,4 +1,4 @@
-"""Write look-alike EarthReason / RRSIS-D / RefSegRS data in the real on-disk layouts.
+"""Write look-alike data of the registered datasets (EarthReason, RRSIS-D, RefSegRS) in their real layouts.
 
 Example:
     python tools/make_synthetic_dataset.py --out datasets/synthetic \
@@ -16,14 +16,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from segearthr1.data.synthetic import DATASET_NAMES, generate  # noqa: E402
+from segearthr1.data.registry import canonical_dataset, synthetic_names  # noqa: E402
+from segearthr1.data.synthetic import generate  # noqa: E402
 from segearthr1.runtime import setup_logging  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, type=Path, help="DATA_ROOT to write into")
-    p.add_argument("--datasets", nargs="+", default=list(DATASET_NAMES), choices=DATASET_NAMES)
+    p.add_argument("--datasets", nargs="+", type=canonical_dataset, default=synthetic_names(),
+                   choices=synthetic_names(), help="datasets to write, names or aliases (default: all)")
     p.add_argument("--n-train", type=int, default=200, help="images in the train split")
     p.add_argument("--n-val", type=int, default=50, help="images in the val split")
     p.add_argument("--n-test", type=int, default=None, help="images in the test split (default: --n-val)")

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from segearthr1.data.earthreason import EarthReasonDataset  # noqa: E402
 from segearthr1.data.synthetic import object_from_dict, shape_mask  # noqa: E402
 from segearthr1.data.transforms import letterbox_mask  # noqa: E402
-from segearthr1.evaluate import read_mask_png  # noqa: E402
+from segearthr1.evaluation.files import read_mask_png  # noqa: E402
 from segearthr1.evaluation.metrics import SegmentationMeter  # noqa: E402
 from segearthr1.runtime import setup_logging  # noqa: E402
 

@@ -20,12 +20,11 @@ from ..runtime import warning_once
 from ..processing import TextEncoder
 from .fast_decode import read_image_for_letterbox
 from .image_io import read_image_rgb
+from .spec import DatasetSpec
 from .transforms import letterbox_image, letterbox_mask, normalize_image
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
-SAMPLING_MODES = ("first", "random", "all")
 GENERATOR_HINT = ("see datasets/README.md for where to download it, or write look-alike data with "
                   "`python tools/make_synthetic_dataset.py --out DIR`")
 
@@ -64,8 +63,14 @@ class ReasoningSegDataset(Dataset):
     is truncated (keeping its `[SEG]`) with a warning naming the sample. None: no limit.
     `collect_problems`: index-level problems (unpaired or unreadable files) are recorded in
     `self.problems` and the affected samples left out, instead of raising (`segearthr1 check-data`).
+    `question_sampling` (alias `sentence_sampling`): which of a sample's texts is used, one of
+    `spec.sampling_modes`; `foreground`: one of `spec.foreground_rules` (default: the first).
+
+    A dataset file declares `spec = DatasetSpec(...)`; `name`, `dataset_type` and `expected_tree`
+    are read from it.
     """
 
+    spec: ClassVar[DatasetSpec]
     name: ClassVar[str] = ""
     dataset_type: ClassVar[str] = ""
     expected_tree: ClassVar[str] = ""
@@ -74,10 +79,23 @@ class ReasoningSegDataset(Dataset):
     #: set by evaluation's --fast_decode: large JPEGs are decoded at reduced scale (fast_decode.py)
     fast_decode: bool = False
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "spec" in cls.__dict__:
+            cls.name, cls.dataset_type, cls.expected_tree = cls.spec.name, cls.spec.dataset_type, cls.spec.expected_tree
+
     def __init__(self, data_root, split: str, tokenizer, image_size: int = 1024, train: bool = True,
-                 seed: int = 0, max_text_tokens: int | None = None, collect_problems: bool = False):
-        if split not in SPLITS:
-            raise ValueError(f"split={split!r} is not one of {list(SPLITS)}")
+                 seed: int = 0, max_text_tokens: int | None = None, collect_problems: bool = False,
+                 question_sampling: str = "first", foreground: str | None = None,
+                 sentence_sampling: str | None = None):
+        spec = self.spec
+        spec.check_option("split", split, spec.splits)
+        option = "question_sampling"
+        if sentence_sampling is not None:
+            question_sampling, option = sentence_sampling, "sentence_sampling"
+        self.question_sampling = spec.check_option(option, question_sampling, spec.sampling_modes or ("first",))
+        self.foreground = spec.check_option("foreground", foreground or spec.default_foreground,
+                                            spec.foreground_rules)
         if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
             raise ValueError(f"image_size={image_size!r} must be a positive int (reference: 1024)")
         self.data_root = Path(data_root).expanduser()
@@ -97,7 +115,7 @@ class ReasoningSegDataset(Dataset):
         if len(self) == 0:
             raise DatasetNotFoundError(f"{self.name} split {split!r} under {self.root} has no samples; "
                                        f"expected files laid out as\n{self.expected_tree}\n{GENERATOR_HINT}")
-        self._text = TextEncoder(tokenizer, self.name, self.train) if tokenizer is not None else None
+        self._text = TextEncoder(tokenizer, spec.prompt(self.train)) if tokenizer is not None else None
         if not collect_problems:
             self[0]  # cheap start-up check: the first sample opens and its image/mask sizes agree
         logger.info("%s/%s: %d samples from %s", self.name, split, len(self), self.root)
@@ -120,6 +138,10 @@ class ReasoningSegDataset(Dataset):
 
     def _source(self, idx: int) -> SampleSource:
         raise NotImplementedError
+
+    def sample_name(self, idx: int) -> str:
+        """The image name of sample `idx` without decoding anything (evaluation's sample ids)."""
+        return str(self._source(idx).image_name)
 
     def _load_mask(self, idx: int, source: SampleSource, image_hw: tuple[int, int]) -> np.ndarray:
         """HxW uint8 mask with values {0, 1}."""

@@ -19,9 +19,9 @@ from tqdm import tqdm
 
 from ..errors import DatasetCorruptedError, DatasetNotFoundError
 from ..runtime import setup_logging
-from .base import SPLITS
 from .integrity import small_image_message
-from .registry import build_dataset, default_data_root
+from .registry import DATASETS, build_dataset, canonical_dataset, default_data_root, get_spec
+from .spec import SPLITS
 
 logger = logging.getLogger(__name__)
 
@@ -56,22 +56,20 @@ def check_dataset(dataset_type: str, data_root: str | Path, splits: list[str] | 
                   ) -> tuple[list[str], list[str], int]:
     """Every problem and warning of the given splits (default: the splits that exist)."""
     problems, warnings, checked = [], [], 0
-    for split in splits or SPLITS:
+    for split in splits or get_spec(dataset_type).splits:
         p, w, n = check_split(dataset_type, Path(data_root), split, required=bool(splits))
         problems += p
         warnings += list(dict.fromkeys(w))
         checked += n
     if not checked and not problems:
-        problems.append(f"no split of {dataset_type} found under {data_root} (looked for {', '.join(SPLITS)})")
+        problems.append(f"no split of {dataset_type} found under {data_root} (looked for {', '.join(get_spec(dataset_type).splits)})")
     return problems, warnings, checked
 
 
 def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
-    from ..training.args import canonical_dataset
-
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset_type", required=True, type=canonical_dataset,
-                   help="EarthReason, RRSIS-D or RefSegRS (aliases as in training configs)")
+                   help=f"{', '.join(DATASETS)} (aliases as in training configs)")
     p.add_argument("--data_path", default=None,
                    help="dataset root (the directory holding rs_reason_seg/ or rs_ref_seg/); default "
                         "$SEGEARTH_DATA or ./datasets")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from ..processing import IGNORE_INDEX
+from ..processing import IGNORE_LABEL_ID
 
 _PADDED = ("input_ids", "labels", "refer_embedding_indices", "answer_embedding_indices")
 _STACKED = ("images", "masks")
@@ -13,7 +13,7 @@ _STACKED = ("images", "masks")
 class DataCollator:
     """Right-pads token tensors, stacks images/masks, keeps payloads and everything else as lists.
 
-    input_ids are padded with `pad_token_id`, labels with IGNORE_INDEX, the embedding-index tensors
+    input_ids are padded with `pad_token_id`, labels with IGNORE_LABEL_ID, the embedding-index tensors
     with 0; attention_mask = input_ids != pad_token_id. `max_length` truncates like the reference
     collator (tokenizer.model_max_length); None keeps full length. A batch holds one dataset_type.
     """
@@ -38,7 +38,7 @@ class DataCollator:
                 raise ValueError(f"sample {i} has keys {sorted(s)} but sample 0 has {sorted(keys)}")
 
         batch: dict = {}
-        pad_values = {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX}
+        pad_values = {"input_ids": self.pad_token_id, "labels": IGNORE_LABEL_ID}
         for key in _PADDED:
             if key in samples[0]:
                 padded = pad_sequence([s[key] for s in samples], batch_first=True,
@@ -53,3 +53,16 @@ class DataCollator:
             if key not in batch:
                 batch[key] = [s[key] for s in samples]
         return batch
+
+
+def batch_to_device(batch: dict, device: torch.device) -> dict:
+    """The collated batch with its tensors (and lists of tensors, e.g. payloads) moved to `device`."""
+    out = {}
+    for key, value in batch.items():
+        if torch.is_tensor(value):
+            out[key] = value.to(device, non_blocking=True)
+        elif isinstance(value, list) and value and all(torch.is_tensor(v) for v in value):
+            out[key] = [v.to(device, non_blocking=True) for v in value]
+        else:
+            out[key] = value
+    return out

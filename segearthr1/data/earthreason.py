@@ -16,11 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DatasetCorruptedError, DatasetNotFoundError
+from ..processing import REASON_SEG, REASONING_PROMPT
 from ..runtime import warning_once
-from ..processing import REASON_SEG
-from .base import SAMPLING_MODES, ReasoningSegDataset, SampleSource, list_preview
+from .base import ReasoningSegDataset, SampleSource, list_preview
 from .image_io import read_mask
 from .integrity import read_json_file
+from .spec import SAMPLING_MODES, DatasetSpec
+from .synthetic import write_earthreason
 
 logger = logging.getLogger(__name__)
 
@@ -77,17 +79,13 @@ class EarthReasonDataset(ReasoningSegDataset):
     "all" turns every question of an image into its own sample (len = number of questions).
     """
 
-    name = "EarthReason"
-    dataset_type = REASON_SEG
-    expected_tree = ("rs_reason_seg/RSReasonSeg/{train,val,test}/\n"
-                     "    images/<stem>.jpg|.png   labels/<stem>.png   QAs/<stem>.json")
-
-    def __init__(self, data_root, split: str, tokenizer, image_size: int = 1024,
-                 question_sampling: str = "first", train: bool = True, **options):
-        if question_sampling not in SAMPLING_MODES:
-            raise ValueError(f"question_sampling={question_sampling!r} is not one of {list(SAMPLING_MODES)}")
-        self.question_sampling = question_sampling
-        super().__init__(data_root, split, tokenizer, image_size=image_size, train=train, **options)
+    spec = DatasetSpec(
+        name="EarthReason", dataset_type=REASON_SEG, aliases=("rs_reason_seg", "reason_seg"),
+        expected_tree=("rs_reason_seg/RSReasonSeg/{train,val,test}/\n"
+                       "    images/<stem>.jpg|.png   labels/<stem>.png   QAs/<stem>.json"),
+        train_prompt=REASONING_PROMPT, eval_prompt=REASONING_PROMPT, sampling_modes=SAMPLING_MODES,
+        foreground_rules=("nonzero",),  # label != 0, emptied when the answer list is empty
+        write_synthetic=write_earthreason)
 
     @property
     def root(self) -> Path:

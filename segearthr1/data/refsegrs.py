@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DatasetCorruptedError, DatasetNotFoundError
-from ..processing import REFER_SEG
+from ..processing import REFER_SEG, REFERRING_PROMPT
 from .base import ReasoningSegDataset, SampleSource, list_preview
 from .image_io import read_mask
+from .spec import DatasetSpec
+from .synthetic import write_refsegrs
 
 logger = logging.getLogger(__name__)
-
-FOREGROUND_RULES = ("255", "nonzero")
 
 
 def parse_phrase_file(path: Path) -> list[tuple[str, str]]:
@@ -49,17 +49,13 @@ def parse_phrase_file(path: Path) -> list[tuple[str, str]]:
 class RefSegRSDataset(ReasoningSegDataset):
     """RefSegRS split as samples; `foreground`: "255" (reference: only 255 is object) or "nonzero"."""
 
-    name = "RefSegRS"
-    dataset_type = REFER_SEG
-    expected_tree = ("rs_ref_seg/RefSegRS/\n"
-                     "    images/<ID>.tif   masks/<ID>.tif (0/255)   output_phrase_{train,val,test}.txt")
-
-    def __init__(self, data_root, split: str, tokenizer, image_size: int = 1024, train: bool = True,
-                 foreground: str = "255", **options):
-        if foreground not in FOREGROUND_RULES:
-            raise ValueError(f"foreground={foreground!r} is not one of {list(FOREGROUND_RULES)}")
-        self.foreground = foreground
-        super().__init__(data_root, split, tokenizer, image_size=image_size, train=train, **options)
+    spec = DatasetSpec(
+        name="RefSegRS", dataset_type=REFER_SEG, aliases=("refseg_rs",),
+        expected_tree=("rs_ref_seg/RefSegRS/\n"
+                       "    images/<ID>.tif   masks/<ID>.tif (0/255)   output_phrase_{train,val,test}.txt"),
+        train_prompt=REFERRING_PROMPT, eval_prompt=REFERRING_PROMPT,
+        foreground_rules=("255", "nonzero"),  # reference: only 255 is object
+        write_synthetic=write_refsegrs)
 
     @property
     def root(self) -> Path:

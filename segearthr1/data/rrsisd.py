@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DatasetNotFoundError
-from ..processing import REFER_SEG
-from .base import SAMPLING_MODES, ReasoningSegDataset, SampleSource, list_preview
+from ..processing import REFER_SEG, REFERRING_PROMPT, REFERRING_SHORT_PROMPT
+from .base import ReasoningSegDataset, SampleSource, list_preview
 from .refer_index import ReferIndex
+from .spec import SAMPLING_MODES, DatasetSpec
+from .synthetic import write_rrsisd
 
 logger = logging.getLogger(__name__)
 
@@ -24,19 +26,21 @@ REFS_FILE = "refs(unc).p"
 
 
 class RRSISDDataset(ReasoningSegDataset):
-    """RRSIS-D split as samples; `sentence_sampling`: first (reference) | random | all."""
+    """RRSIS-D split as samples; `question_sampling` (alias `sentence_sampling`, the reference's name)
+    picks a ref's sentence: first (reference) | random | all."""
 
-    name = "RRSIS-D"
-    dataset_type = REFER_SEG
-    expected_tree = ("rs_ref_seg/RRSIS-D/\n"
-                     "    images/rrsisd/JPEGImages/<file_name>.jpg\n"
-                     f"    rrsisd/{REFS_FILE}   rrsisd/instances.json")
+    spec = DatasetSpec(
+        name="RRSIS-D", dataset_type=REFER_SEG, aliases=("rrsisd", "rrsis_d"),
+        expected_tree=("rs_ref_seg/RRSIS-D/\n"
+                       "    images/rrsisd/JPEGImages/<file_name>.jpg\n"
+                       f"    rrsisd/{REFS_FILE}   rrsisd/instances.json"),
+        # the reference evaluates RRSIS-D with a shorter assistant turn ("Sure.")
+        train_prompt=REFERRING_PROMPT, eval_prompt=REFERRING_SHORT_PROMPT, sampling_modes=SAMPLING_MODES,
+        foreground_rules=("annotation",),  # the ref's decoded polygon / RLE
+        write_synthetic=write_rrsisd)
 
-    def __init__(self, data_root, split: str, tokenizer, image_size: int = 1024,
-                 sentence_sampling: str = "first", train: bool = True, refs_file: str = REFS_FILE, **options):
-        if sentence_sampling not in SAMPLING_MODES:
-            raise ValueError(f"sentence_sampling={sentence_sampling!r} is not one of {list(SAMPLING_MODES)}")
-        self.sentence_sampling = sentence_sampling
+    def __init__(self, data_root, split: str, tokenizer, image_size: int = 1024, train: bool = True,
+                 refs_file: str = REFS_FILE, **options):
         self.refs_file = refs_file
         super().__init__(data_root, split, tokenizer, image_size=image_size, train=train, **options)
 
@@ -67,7 +71,7 @@ class RRSISDDataset(ReasoningSegDataset):
             raise DatasetNotFoundError(f"RRSIS-D split {self.split!r}: {len(missing)} image(s) named in "
                                        f"instances.json are not in {self.image_dir}: {list_preview(missing)}")
         self.problems.extend(f"{self.image_dir / name}: named in instances.json but missing" for name in missing)
-        if self.sentence_sampling == "all":
+        if self.question_sampling == "all":
             self._items = [(r, s) for r, ref in enumerate(self.index.refs) for s in range(len(ref.sentences))]
         else:
             self._items = [(r, 0) for r in range(len(self.index.refs))]
@@ -78,7 +82,7 @@ class RRSISDDataset(ReasoningSegDataset):
     def _source(self, idx: int) -> SampleSource:
         r, s = self._items[idx]
         ref = self.index.refs[r]
-        if self.sentence_sampling == "random":
+        if self.question_sampling == "random":
             s = self._random_index(len(ref.sentences), idx)
         path = self.image_dir / self.index.images[ref.image_id].file_name
         return SampleSource(path, path.stem, ref.sentences[s])

@@ -22,6 +22,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .spec import SPLITS
+
 logger = logging.getLogger(__name__)
 
 COLORS: dict[str, tuple[int, int, int]] = {  # RGB
@@ -30,8 +32,6 @@ COLORS: dict[str, tuple[int, int, int]] = {  # RGB
 }
 SHAPES = ("circle", "square", "triangle")
 GROUND_TONES = ((128, 116, 92), (96, 118, 82), (140, 132, 114), (104, 104, 98), (150, 128, 100))
-DATASET_NAMES = ("EarthReason", "RRSIS-D", "RefSegRS")
-SPLITS = ("train", "val", "test")
 
 # Kept short on purpose: the model mean-pools the question's hidden states, so in long questions the
 # colour and shape words are a small share of the description embedding and a tiny model from
@@ -52,6 +52,19 @@ REFERRING_SENTENCES = (
     "the {color} {shape}",
     "{color} {shape} in the {position} of the image",
 )
+
+
+@dataclass(frozen=True)
+class SyntheticOptions:
+    """The knobs of `generate` that every dataset writer receives (see `generate`)."""
+
+    min_size: int
+    max_size: int
+    colors: list[str]
+    object_scale: float
+    absent_fraction: float
+    color_distractor_prob: float
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -188,6 +201,14 @@ def _size(rng: np.random.Generator, min_size: int, max_size: int) -> tuple[int, 
     return int(rng.integers(min_size, max_size + 1)), int(rng.integers(min_size, max_size + 1))
 
 
+def _referring_scene(rng: np.random.Generator, opts: SyntheticOptions) -> tuple[Scene, tuple[str, str]]:
+    """A scene of random size holding a random (colour, shape) target, and that target."""
+    h, w = _size(rng, opts.min_size, opts.max_size)
+    pair = _random_pair(rng, opts.colors)
+    return make_scene(rng, h, w, pair, colors=opts.colors, object_scale=opts.object_scale,
+                      color_distractor_prob=opts.color_distractor_prob), pair
+
+
 def _write_rgb(path: Path, rgb: np.ndarray) -> None:
     params = [cv2.IMWRITE_JPEG_QUALITY, 95] if path.suffix == ".jpg" else []
     if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params):
@@ -229,16 +250,16 @@ def _segmentation(mask: np.ndarray, kind: int):
 
 
 # --- dataset writers ------------------------------------------------------------------------------------------------
-def _earthreason_sample(base: Path, split: str, i: int, seed: int, min_size, max_size, colors, object_scale,
-                        absent_fraction, color_distractor_prob) -> None:
-    """Write sample i of `split`. Its random stream depends only on (seed, split, i), so samples can be
-    written in any order and by several processes and the files are the same."""
-    rng = np.random.default_rng([seed, DATASET_NAMES.index("EarthReason"), SPLITS.index(split), i])
-    h, w = _size(rng, min_size, max_size)
-    pair = _random_pair(rng, colors)
-    is_absent = bool(rng.random() < absent_fraction)
+def _earthreason_sample(base: Path, split: str, i: int, seed: int, stream: int, opts: SyntheticOptions) -> None:
+    """Write sample i of `split`. Its random stream depends only on (seed, stream, split, i), so samples
+    can be written in any order and by several processes and the files are the same."""
+    rng = np.random.default_rng([seed, stream, SPLITS.index(split), i])
+    h, w = _size(rng, opts.min_size, opts.max_size)
+    pair = _random_pair(rng, opts.colors)
+    is_absent = bool(rng.random() < opts.absent_fraction)
     scene = make_scene(rng, h, w, None if is_absent else pair, absent=pair if is_absent else None,
-                       colors=colors, object_scale=object_scale, color_distractor_prob=color_distractor_prob)
+                       colors=opts.colors, object_scale=opts.object_scale,
+                       color_distractor_prob=opts.color_distractor_prob)
     stem = f"{split}_{i:05d}"
     _write_rgb(base / "images" / f"{stem}{'.png' if i % 4 == 3 else '.jpg'}", scene.image)
     label = np.zeros((h, w), np.uint8)
@@ -266,10 +287,10 @@ def _earthreason_chunk(args: tuple) -> int:
     return len(indices)
 
 
-def _write_earthreason(root: Path, seed: int, counts, min_size, max_size, colors, object_scale, absent_fraction,
-                       color_distractor_prob, workers: int = 1) -> dict:
+def write_earthreason(root: Path, seed: int, stream: int, counts: dict, opts: SyntheticOptions) -> dict:
+    """EarthReason's tree under `root`; written by `opts.workers` processes (same files for any number)."""
     out = {}
-    rest = (seed, min_size, max_size, colors, object_scale, absent_fraction, color_distractor_prob)
+    rest, workers = (seed, stream, opts), opts.workers
     for split, n in counts.items():
         base = root / "rs_reason_seg" / "RSReasonSeg" / split
         for sub in ("images", "labels", "QAs"):
@@ -290,7 +311,9 @@ def _write_earthreason(root: Path, seed: int, counts, min_size, max_size, colors
     return out
 
 
-def _write_rrsisd(root: Path, rng, counts, min_size, max_size, colors, object_scale, color_distractor_prob) -> dict:
+def write_rrsisd(root: Path, seed: int, stream: int, counts: dict, opts: SyntheticOptions) -> dict:
+    """RRSIS-D's tree under `root` (refs pickle + COCO instances with polygon and RLE masks)."""
+    rng = np.random.default_rng([seed, stream])
     base = root / "rs_ref_seg" / "RRSIS-D"
     img_dir = base / "images" / "rrsisd" / "JPEGImages"
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -300,9 +323,8 @@ def _write_rrsisd(root: Path, rng, counts, min_size, max_size, colors, object_sc
     for split, n in counts.items():
         out[split] = 0
         for _ in range(n):
-            h, w = _size(rng, min_size, max_size)
-            scene = make_scene(rng, h, w, _random_pair(rng, colors), colors=colors, object_scale=object_scale,
-                               color_distractor_prob=color_distractor_prob)
+            scene, _ = _referring_scene(rng, opts)
+            h, w = scene.image.shape[:2]
             image_id = len(images) + 1
             file_name = f"{image_id:05d}.jpg"
             _write_rgb(img_dir / file_name, scene.image)
@@ -338,7 +360,9 @@ def _write_rrsisd(root: Path, rng, counts, min_size, max_size, colors, object_sc
     return out
 
 
-def _write_refsegrs(root: Path, rng, counts, min_size, max_size, colors, object_scale, color_distractor_prob) -> dict:
+def write_refsegrs(root: Path, seed: int, stream: int, counts: dict, opts: SyntheticOptions) -> dict:
+    """RefSegRS's tree under `root` (TIFF tiles, 0/255 masks, one phrase file per split)."""
+    rng = np.random.default_rng([seed, stream])
     base = root / "rs_ref_seg" / "RefSegRS"
     (base / "images").mkdir(parents=True, exist_ok=True)
     (base / "masks").mkdir(parents=True, exist_ok=True)
@@ -347,10 +371,7 @@ def _write_refsegrs(root: Path, rng, counts, min_size, max_size, colors, object_
     for split, n in counts.items():
         lines = []
         for _ in range(n):
-            h, w = _size(rng, min_size, max_size)
-            pair = _random_pair(rng, colors)
-            scene = make_scene(rng, h, w, pair, colors=colors, object_scale=object_scale,
-                               color_distractor_prob=color_distractor_prob)
+            scene, pair = _referring_scene(rng, opts)
             k = next(j for j, o in enumerate(scene.objects) if (o.color, o.shape) == pair)
             _write_rgb(base / "images" / f"{next_id}.tif", scene.image)
             _write_gray(base / "masks" / f"{next_id}.tif", (scene.masks[k] * 255).astype(np.uint8))
@@ -364,30 +385,34 @@ def _write_refsegrs(root: Path, rng, counts, min_size, max_size, colors, object_
     return out
 
 
-def generate(root, datasets=DATASET_NAMES, n_train: int = 8, n_val: int = 4, n_test: int = 4,
+def generate(root, datasets=None, n_train: int = 8, n_val: int = 4, n_test: int = 4,
              seed: int = 0, min_size: int = 64, max_size: int = 128, absent_fraction: float = 0.15,
              num_colors: int = len(COLORS), object_scale: float = 1.0, color_distractor_prob: float = 1.0,
              workers: int = 1) -> dict:
-    """Write the chosen datasets under `root` (= DATA_ROOT); returns {dataset: {split: samples}}.
+    """Write the chosen datasets (default: every registered one with a generator) under `root`
+    (= DATA_ROOT); returns {dataset: {split: samples}}.
 
     n_* are images per split (RRSIS-D may add a second ref per image; RefSegRS a second phrase line).
     `num_colors` (4..7) restricts the palette to its first N colours and `object_scale` (0.5..2)
     scales the shapes' radii and `color_distractor_prob` (0..1) is the share of scenes with a second object
     of the target's colour (easier tasks, e.g. for the CPU quickstart; see `make_scene`).
-    Each dataset draws from its own seeded stream, so its files do not depend on the others chosen.
-    EarthReason seeds every sample from (seed, split, index) and is written by `workers` processes
-    (the files do not depend on `workers`).
+    Each dataset draws from its own seeded stream (its position in the registry), so its files do not
+    depend on the others chosen. EarthReason seeds every sample from (seed, split, index) and is
+    written by `workers` processes (the files do not depend on `workers`).
     """
-    unknown = [d for d in datasets if d not in DATASET_NAMES]
+    # the registry's dataset files name this module's writers, so it is imported here, not at the top
+    from .registry import DATASETS, synthetic_names
+
+    names = synthetic_names() if datasets is None else list(datasets)
+    unknown = [d for d in names if d not in synthetic_names()]
     if unknown:
-        raise ValueError(f"unknown dataset(s) {unknown}; expected a subset of {list(DATASET_NAMES)}")
+        raise ValueError(f"unknown dataset(s) {unknown}; expected a subset of {synthetic_names()}")
     if not 24 <= min_size <= max_size:
         raise ValueError(f"need 24 <= min_size <= max_size, got min_size={min_size}, max_size={max_size}")
     if min(n_train, n_val, n_test) < 0:
         raise ValueError(f"split sizes must be >= 0, got {n_train}, {n_val}, {n_test}")
     if not 4 <= num_colors <= len(COLORS):
         raise ValueError(f"num_colors={num_colors} must be between 4 and {len(COLORS)} (the first N of {list(COLORS)})")
-    colors = list(COLORS)[:num_colors]
     if not 0.5 <= object_scale <= 2.0:
         raise ValueError(f"object_scale={object_scale} must be in [0.5, 2.0]")
     if not 0.0 <= color_distractor_prob <= 1.0:
@@ -395,18 +420,12 @@ def generate(root, datasets=DATASET_NAMES, n_train: int = 8, n_val: int = 4, n_t
     if not 0.0 <= absent_fraction < 1.0:
         raise ValueError(f"absent_fraction={absent_fraction} must be in [0, 1)")
     root = Path(root)
-    counts = {"train": n_train, "val": n_val, "test": n_test}
+    opts = SyntheticOptions(min_size, max_size, list(COLORS)[:num_colors], object_scale, absent_fraction,
+                            color_distractor_prob, workers)
     summary = {}
-    for name in datasets:
-        rng = np.random.default_rng([seed, DATASET_NAMES.index(name)])
-        if name == "EarthReason":
-            summary[name] = _write_earthreason(root, seed, counts, min_size, max_size, colors, object_scale,
-                                               absent_fraction, color_distractor_prob, workers)
-        elif name == "RRSIS-D":
-            summary[name] = _write_rrsisd(root, rng, counts, min_size, max_size, colors, object_scale,
-                                          color_distractor_prob)
-        else:
-            summary[name] = _write_refsegrs(root, rng, counts, min_size, max_size, colors, object_scale,
-                                            color_distractor_prob)
+    for name in names:
+        spec = DATASETS[name].spec
+        counts = {split: n for split, n in zip(SPLITS, (n_train, n_val, n_test)) if split in spec.splits}
+        summary[name] = spec.write_synthetic(root, seed, list(DATASETS).index(name), counts, opts)
         logger.info("wrote synthetic %s under %s: %s", name, root, summary[name])
     return summary

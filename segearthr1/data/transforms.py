@@ -111,6 +111,13 @@ def normalize_image(image_chw: torch.Tensor) -> torch.Tensor:
     return (image_chw.to(torch.float32) - _MEAN) / _STD
 
 
+def denormalize_images(images: torch.Tensor) -> np.ndarray:
+    """Inverse of `normalize_image` for a batch: [B,3,S,S] float -> [B,S,S,3] RGB uint8 (the letterboxed
+    input as the model saw it; for overlays)."""
+    rgb = (images.detach().float().cpu() * _STD + _MEAN).round().clamp(0, 255).to(torch.uint8)
+    return rgb.permute(0, 2, 3, 1).contiguous().numpy()
+
+
 def crop_letterbox(x: torch.Tensor, geometry) -> torch.Tensor:
     """[..., S, S] -> [..., new_h, new_w]: drop the padding band (no resizing)."""
     geo = _as_geometry(geometry)

@@ -35,6 +35,7 @@ from ..errors import DatasetCorruptedError
 from .bootstrap import (DEFAULT_RESAMPLES, bootstrap_values, ciou_statistic, giou_statistic,
                         paired_difference_statistic, percentile_interval)
 from .breakdown import reference_metrics
+from .files import read_per_sample_csv
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +52,6 @@ class Run:
 
 def load_run(path: str | Path) -> Run:
     """Read per_sample.csv (+ metrics.json if present) of an evaluation output directory."""
-    from ..evaluate import read_per_sample_csv
-
     path = Path(path).expanduser()
     csv_path = path / "per_sample.csv"
     if not csv_path.is_file():

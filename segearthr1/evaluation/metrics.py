@@ -11,15 +11,13 @@ enters the reported metrics:
 * P@t  = fraction of samples with foreground IoU strictly greater than t.
 
 Counts are int64 (exact), IoU values float64, summed sample by sample in arrival order, so the
-batch size never changes a bit. Accumulators are plain sums, so they can be summed across processes
-(`all_reduce`): counts give exactly the single-process result, float64 IoU sums agree to ~1e-15.
+batch size never changes a bit. `all_reduce` sums the counts across processes and re-adds the
+gathered per-sample IoUs in sample order, so a sharded run equals a single-process run bit for bit.
 """
 from __future__ import annotations
 
-import csv
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -28,12 +26,11 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = 255
+IGNORE_MASK_VALUE = 255  # ground-truth mask pixels scored on neither side (token labels use -100)
 IOU_EPS = 1e-5        # per-sample IoU denominator epsilon (reference value)
 CIOU_EPS = 1e-10      # cumulative IoU denominator epsilon (reference value)
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 NUM_CLASSES = 2       # background, foreground
-CSV_FIELDS = ("name", "intersection", "union", "iou")
 
 
 @dataclass(frozen=True)
@@ -61,7 +58,7 @@ def sample_statistics(pred_masks: Tensor, gt_masks: Tensor) -> BatchStats:
                          f"{tuple(gt_masks.shape)} ([B,H,W]); resize the prediction to the gt size first")
     pred = pred_masks.to(torch.int32)
     gt = gt_masks.to(torch.int32)
-    pred = torch.where(gt == IGNORE_INDEX, torch.full_like(pred, IGNORE_INDEX), pred)
+    pred = torch.where(gt == IGNORE_MASK_VALUE, torch.full_like(pred, IGNORE_MASK_VALUE), pred)
     classes = torch.arange(NUM_CLASSES, dtype=torch.int32, device=pred.device).view(1, -1, 1, 1)
     pred_c = pred.unsqueeze(1) == classes                              # [B,2,H,W]
     gt_c = gt.unsqueeze(1) == classes
@@ -75,7 +72,7 @@ def sample_statistics(pred_masks: Tensor, gt_masks: Tensor) -> BatchStats:
 def foreground_counts(pred_mask: Tensor, gt_mask: Tensor) -> tuple[int, int, int, int]:
     """(intersection, union, gt_pixels, pred_pixels) of the foreground for ONE [H,W] mask pair.
 
-    Equal to `sample_statistics` class 1 (pixels where gt == IGNORE_INDEX count on neither side) but
+    Equal to `sample_statistics` class 1 (pixels where gt == IGNORE_MASK_VALUE count on neither side) but
     with boolean ops only, so it stays fast and small on 7617² masks at original resolution.
     """
     if pred_mask.shape != gt_mask.shape or pred_mask.dim() != 2:
@@ -83,7 +80,7 @@ def foreground_counts(pred_mask: Tensor, gt_mask: Tensor) -> tuple[int, int, int
                          "the same [H,W] shape")
     gt_fg = gt_mask == 1
     pred_fg = pred_mask if pred_mask.dtype == torch.bool else pred_mask.to(torch.int32) == 1
-    pred_fg = pred_fg & (gt_mask != IGNORE_INDEX)
+    pred_fg = pred_fg & (gt_mask != IGNORE_MASK_VALUE)
     # count_nonzero: a bool .sum() widens to int64 first and is ~5x slower on large masks
     inter = int(torch.count_nonzero(pred_fg & gt_fg))
     gt_n, pred_n = int(torch.count_nonzero(gt_fg)), int(torch.count_nonzero(pred_fg))
@@ -99,7 +96,8 @@ class SegmentationMeter:
     """Accumulates per-sample statistics over an evaluation run; see the module docstring.
 
     State: ``intersection_sum``/``union_sum`` [2] int64, ``pr_counts`` [5] int64, ``count`` int,
-    ``iou_sum`` [2] float64, and the per-sample rows for per_sample.csv.
+    ``iou_sum`` [2] float64, and one row per sample ({name, intersection, union, iou} of the
+    foreground plus the caller's extra columns) for per_sample.csv.
     """
 
     def __init__(self, thresholds: Sequence[float] = THRESHOLDS) -> None:
@@ -114,19 +112,22 @@ class SegmentationMeter:
         self.count = 0
         self._rows: list[dict] = []
 
-    def update(self, pred_masks: Tensor, gt_masks: Tensor, names: Sequence[str] | None = None) -> BatchStats:
+    def update(self, pred_masks: Tensor, gt_masks: Tensor, names: Sequence[str] | None = None,
+               extras: Sequence[dict] | None = None) -> BatchStats:
         """Add a batch: pred [B,H,W] float/bool {0,1}, gt [B,1,H,W] or [B,H,W] uint8 (255 = ignore).
 
-        `names` label the per-sample rows (default: the running sample index). Returns the batch's
+        `names` label the per-sample rows (default: the running sample index); `extras` adds columns
+        to each row (an ``index`` column orders the rows in `all_reduce`). Returns the batch's
         per-sample statistics.
         """
         stats = sample_statistics(pred_masks, gt_masks)
         b = stats.iou.shape[0]
         if names is None:
             names = [str(self.count + i) for i in range(b)]
-        elif len(names) != b:
-            raise ValueError(f"SegmentationMeter.update: got {len(names)} names for a batch of {b}; "
-                             "pass one name per sample or None")
+        for what, given in (("names", names), ("extras", extras)):
+            if given is not None and len(given) != b:
+                raise ValueError(f"SegmentationMeter.update: got {len(given)} {what} for a batch of {b}; "
+                                 "pass one per sample or None")
         fg_iou = stats.iou[:, 1]
         thresholds = torch.tensor(self.thresholds, dtype=torch.float64)
         self.intersection_sum += stats.intersection.sum(0)
@@ -138,9 +139,10 @@ class SegmentationMeter:
         self.iou_sum = torch.tensor(acc, dtype=torch.float64)
         self.pr_counts += (fg_iou.unsqueeze(1) > thresholds).sum(0)
         self.count += b
-        for name, i, u, v in zip(names, stats.intersection[:, 1].tolist(), stats.union[:, 1].tolist(),
-                                 fg_iou.tolist()):
-            self._rows.append({"name": str(name), "intersection": i, "union": u, "iou": v})
+        for k, (name, i, u, v) in enumerate(zip(names, stats.intersection[:, 1].tolist(),
+                                                stats.union[:, 1].tolist(), fg_iou.tolist())):
+            self._rows.append({"name": str(name), "intersection": i, "union": u, "iou": v,
+                               **(extras[k] if extras is not None else {})})
         return stats
 
     # -- results -------------------------------------------------------------------------
@@ -165,52 +167,17 @@ class SegmentationMeter:
         return [f"ciou: {m['ciou']:.4f}, giou: {m['giou']:.4f}", f"IoU Thresholds: {prs}"]
 
     def per_sample_rows(self) -> list[dict]:
-        """Rows {name, intersection, union, iou} (foreground) in the order the samples were added."""
+        """The per-sample rows in sample order (after `all_reduce`: of every rank)."""
         return [dict(r) for r in self._rows]
 
-    def write_per_sample_csv(self, path: str | Path) -> None:
-        """Write per_sample.csv (columns name, intersection, union, iou; IoU with full precision)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-            writer.writeheader()
-            for r in self._rows:
-                writer.writerow({**r, "iou": repr(r["iou"])})
-
     # -- distributed -----------------------------------------------------------------------
-    def state_tensor(self) -> Tensor:
-        """All accumulators as one float64 vector (I[2], U[2], IoU-sum[2], Pr counts, count).
+    def all_reduce(self, group=None) -> None:
+        """Sum the accumulators over all ranks in place; every rank then holds the single-process result.
 
-        Counts are exact in float64 below 2**53 pixels. `load_state_tensor` is the inverse.
-        """
-        ints = torch.cat([self.intersection_sum, self.union_sum, self.pr_counts,
-                          torch.tensor([self.count], dtype=torch.int64)])
-        if int(ints.max()) >= 2 ** 53:
-            raise ValueError(f"SegmentationMeter.state_tensor: count {int(ints.max())} is not exact in float64; "
-                             "use all_reduce(), which sums the counts as int64")
-        n = NUM_CLASSES
-        return torch.cat([ints[:2 * n].double(), self.iou_sum, ints[2 * n:].double()])
-
-    def load_state_tensor(self, state: Tensor) -> None:
-        """Restore the accumulators from `state_tensor()` output (per-sample rows are not included)."""
-        n, k = NUM_CLASSES, len(self.thresholds)
-        expected = 3 * n + k + 1
-        if state.numel() != expected:
-            raise ValueError(f"SegmentationMeter.load_state_tensor: got {state.numel()} values, expected "
-                             f"{expected} for {k} thresholds")
-        state = state.detach().cpu().double()
-        self.intersection_sum = state[:n].round().long()
-        self.union_sum = state[n:2 * n].round().long()
-        self.iou_sum = state[2 * n:3 * n].clone()
-        self.pr_counts = state[3 * n:3 * n + k].round().long()
-        self.count = int(state[-1].round().item())
-
-    def all_reduce(self, group=None, gather_rows: bool = True) -> None:
-        """Sum the accumulators over all ranks (int64 counts, float64 IoU sums) in place.
-
-        With `gather_rows` the per-sample rows of every rank are gathered too (rank order), so any
-        rank can write the complete per_sample.csv. No-op when torch.distributed is not initialised.
+        Counts are summed as int64 (exact). The rows of every rank are gathered (ordered by their
+        ``index`` column when every row has one, else rank by rank) and the foreground IoU sum is
+        re-added sample by sample in that order: per-rank float sums added across ranks would differ
+        from one process in the last bits. No-op when torch.distributed is not initialised.
         """
         if not (dist.is_available() and dist.is_initialized()):
             return
@@ -222,11 +189,28 @@ class SegmentationMeter:
         floats = self.iou_sum.to(device)
         dist.all_reduce(ints, group=group)
         dist.all_reduce(floats, group=group)
+        gathered: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, self._rows, group=group)
+        rows = [r for part in gathered for r in part]
+        if rows and all("index" in r for r in rows):
+            rows.sort(key=lambda r: r["index"])
         ints, n, k = ints.cpu(), NUM_CLASSES, len(self.thresholds)
         self.intersection_sum, self.union_sum = ints[:n].clone(), ints[n:2 * n].clone()
         self.pr_counts, self.count = ints[2 * n:2 * n + k].clone(), int(ints[-1])
-        self.iou_sum = floats.cpu()
-        if gather_rows:
-            gathered: list = [None] * dist.get_world_size(group)
-            dist.all_gather_object(gathered, self._rows, group=group)
-            self._rows = [r for rows in gathered for r in rows]
+        self._rows = rows
+        self._check_rows()
+        fg_sum = 0.0
+        for r in rows:
+            fg_sum += r["iou"]
+        self.iou_sum = torch.tensor([float(floats[0].cpu()), fg_sum], dtype=torch.float64)
+
+    def _check_rows(self) -> None:
+        """The gathered rows must be exactly the samples the counts were summed over."""
+        indices = [r["index"] for r in self._rows if "index" in r]
+        if len(self._rows) != self.count or len(set(indices)) != len(indices):
+            raise RuntimeError(f"distributed evaluation gathered {len(self._rows)} rows ({len(set(indices))} "
+                               f"distinct indices) but the reduced meter counted {self.count}; every rank must "
+                               "run the same shard logic")
+        if (sum(r["intersection"] for r in self._rows) != int(self.intersection_sum[1])
+                or sum(r["union"] for r in self._rows) != int(self.union_sum[1])):
+            raise RuntimeError("reduced intersection/union sums disagree with the gathered per-sample rows")

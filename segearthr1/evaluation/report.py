@@ -19,9 +19,11 @@ import cv2
 import numpy as np
 import torch
 
-from ..data.collate import DataCollator
-from ..data.transforms import crop_letterbox
+from ..data.collate import DataCollator, batch_to_device
+from ..data.transforms import crop_letterbox, denormalize_images
 from ..visualization import draw_overlay
+from .files import read_mask_png
+from .samples import IndexedSubset
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +123,6 @@ def gallery_rows(rows: Sequence[dict], k: int) -> dict[str, list[dict]]:
 
 def _sample_overlay(dataset, row: dict, seed: int, model, pad_token_id, device, prediction_dir) -> str:
     """Overlay of one sample (prediction red, ground truth green) on its image band, as a data URI."""
-    from ..evaluate import IndexedSubset, _to_device, denormalize_images, read_mask_png
-
     sample = IndexedSubset(dataset, [row["index"]], seed=seed)[0]
     saved = Path(prediction_dir) / f"{row['name']}.png" if prediction_dir is not None else None
     if saved is not None and saved.is_file():
@@ -131,7 +131,7 @@ def _sample_overlay(dataset, row: dict, seed: int, model, pad_token_id, device, 
         batch = DataCollator(pad_token_id)([sample])
         batch.pop("sample_index", None)
         with torch.no_grad():
-            pred = model.predict(**_to_device(batch, device)).masks[0].detach().to("cpu", torch.bool)
+            pred = model.predict(**batch_to_device(batch, device)).masks[0].detach().to("cpu", torch.bool)
     image = torch.from_numpy(denormalize_images(sample["images"][None])[0]).permute(2, 0, 1)
     gt = sample["masks"][0] == 1
     geometry = sample.get("letterbox")

@@ -29,10 +29,11 @@ import torch
 
 from ..data.collate import DataCollator
 from ..data.image_io import bands_to_rgb_uint8, read_image_rgb
+from ..data.registry import names_for_task
 from ..data.transforms import LetterboxGeometry, letterbox_image, normalize_image, unletterbox_logits
 from ..runtime import check_finite_logits
 from ..processing import (ANSWER_TOKEN_INDEX, IMAGE_TOKEN_INDEX, REFER_TOKEN_INDEX, SEG_TOKEN_INDEX,
-                          TASK_DEFAULT_DATASET, encode_query)
+                          TASK_PROMPTS, encode_query)
 from ..visualization import draw_overlay
 from .explain import answer_prefix, capture_visual_tokens, generate_answers
 from .geo import (GeoInfo, area_fields, bbox_to_map, mask_bbox_pixels, mask_to_polygons, read_raster,
@@ -40,12 +41,10 @@ from .geo import (GeoInfo, area_fields, bbox_to_map, mask_bbox_pixels, mask_to_p
 
 logger = logging.getLogger(__name__)
 
-TASKS = tuple(TASK_DEFAULT_DATASET)  # ("reasoning", "referring")
+TASKS = tuple(TASK_PROMPTS)  # ("reasoning", "referring")
 # Extensions read like the benchmark images (OpenCV, identical pixels); everything else via rasterio.
 OPENCV_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 RUN_CONFIG_NAMES = ("resolved_config.yaml", "resolved_config.yml")
-REFERRING_DATASETS = {"rrsis-d", "rrsisd", "rrsis_d", "refsegrs", "refseg_rs"}
-REASONING_DATASETS = {"earthreason", "rs_reason_seg", "reason_seg"}
 DEFAULT_MAX_NEW_TOKENS = 64
 TILE_HINT_FACTOR = 4  # warn (suggesting tiled inference) when a scene is shrunk more than this
 
@@ -162,10 +161,11 @@ def _task_from_run_config(data: Any) -> str:
         return explicit[0]
     dataset = data.get("data", {}).get("dataset") if isinstance(data, dict) and isinstance(data.get("data"), dict) \
         else None
-    if isinstance(dataset, str) and dataset.strip().lower() in REFERRING_DATASETS | REASONING_DATASETS:
-        return "referring" if dataset.strip().lower() in REFERRING_DATASETS else "reasoning"
-    named = {s for s in strings if s in REFERRING_DATASETS | REASONING_DATASETS}
-    return "referring" if named and named <= REFERRING_DATASETS else "reasoning"
+    referring, reasoning = names_for_task("referring"), names_for_task("reasoning")
+    if isinstance(dataset, str) and dataset.strip().lower() in referring | reasoning:
+        return "referring" if dataset.strip().lower() in referring else "reasoning"
+    named = {s for s in strings if s in referring | reasoning}
+    return "referring" if named and named <= referring else "reasoning"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,7 +266,7 @@ class Predictor:
         self.max_query_tokens = min(v for v in (max_query_tokens, limit, math.inf) if v is not None)
         self.tile = TileSpec.build(tile_size or self.image_size, overlap) if tile else None
         logger.info("predictor ready: %s, task %s (%s prompt), %s %s, letterbox %d", model_name, task,
-                    TASK_DEFAULT_DATASET[task], self.device, self.dtype, self.image_size)
+                    TASK_PROMPTS[task].dataset_type, self.device, self.dtype, self.image_size)
 
     def query_token_limit(self) -> int | None:
         """Most query tokens that fit: the LLM's positions minus the prompt, visual tokens and [SEG]s

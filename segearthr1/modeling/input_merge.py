@@ -16,14 +16,14 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..processing import ANSWER_TOKEN_INDEX, IGNORE_INDEX, IMAGE_TOKEN_INDEX, REFER_TOKEN_INDEX, SEG_TOKEN_INDEX
+from ..processing import ANSWER_TOKEN_INDEX, IGNORE_LABEL_ID, IMAGE_TOKEN_INDEX, REFER_TOKEN_INDEX, SEG_TOKEN_INDEX
 
 
 @dataclass
 class MergedInputs:
     inputs_embeds: torch.Tensor  # [B, L', H]
     attention_mask: torch.Tensor  # [B, L'] bool, True on real positions (right padding)
-    labels: torch.Tensor | None  # [B, L'] long, IGNORE_INDEX where no LM target
+    labels: torch.Tensor | None  # [B, L'] long, IGNORE_LABEL_ID where no LM target
     description_mask: torch.Tensor  # [B, L'] bool, True at the refer-payload positions
 
 
@@ -104,7 +104,7 @@ def merge_multimodal_inputs(
     hidden = visual_tokens.shape[-1]
     dtype = visual_tokens.dtype
     embeds = visual_tokens.new_zeros(batch, new_len, hidden)
-    new_labels = torch.full((batch, new_len), IGNORE_INDEX, dtype=torch.long, device=device)
+    new_labels = torch.full((batch, new_len), IGNORE_LABEL_ID, dtype=torch.long, device=device)
     description = torch.zeros(batch, new_len, dtype=torch.bool, device=device)
 
     # Ordinary tokens (and the kept [SEG] of the learned-query ablation).

@@ -23,7 +23,7 @@ from transformers.utils import ModelOutput
 
 from ..configuration import SegEarthR1Config
 from ..losses import MaskCriterion, reduce_num_masks
-from ..processing import IGNORE_INDEX
+from ..processing import DATASET_TYPES, IGNORE_LABEL_ID, REASON_SEG, REFER_SEG
 from .connector import build_connector
 from .description_projector import DescriptionProjector
 from .input_merge import merge_multimodal_inputs
@@ -34,9 +34,6 @@ from .vision_encoder import SwinEncoder
 
 logger = logging.getLogger(__name__)
 
-REASON_SEG = "reason_seg"
-REFER_SEG = "refer_seg"
-DATASET_TYPES = (REASON_SEG, REFER_SEG)
 
 
 @dataclass
@@ -203,7 +200,7 @@ class SegEarthR1ForReasoningSegmentation(SegEarthR1PreTrainedModel):
     def _lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Next-token cross entropy, mean over target tokens; logits only where a target exists."""
         shift_labels = labels[:, 1:]
-        keep = shift_labels != IGNORE_INDEX
+        keep = shift_labels != IGNORE_LABEL_ID
         if not keep.any():
             return hidden.sum() * 0.0
         logits = self.get_output_embeddings()(hidden[:, :-1][keep])

@@ -18,24 +18,12 @@ from pathlib import Path
 
 from ..config_io import (apply_overrides, check_known_keys, deep_merge, expand_env, load_yaml_config, parse_value,
                          set_dotted)
+from ..data.registry import canonical_dataset, foreground_choices
+from ..data.spec import SAMPLING_MODES
 from .typecheck import check_section, dataclass_hints
 
 MODEL_KEYS = ("text_config", "image_size", "vision", "connector", "description_projector", "pixel_decoder",
               "mask_decoder", "loss", "lora", "llm_attn_implementation", "mask_config")
-DATASET_ALIASES = {
-    "earthreason": "EarthReason", "rs_reason_seg": "EarthReason", "reason_seg": "EarthReason",
-    "rrsis-d": "RRSIS-D", "rrsisd": "RRSIS-D", "rrsis_d": "RRSIS-D",
-    "refsegrs": "RefSegRS", "refseg_rs": "RefSegRS",
-}
-
-
-def canonical_dataset(name: str) -> str:
-    key = str(name).lower()
-    if key not in DATASET_ALIASES:
-        raise ValueError(f"dataset {name!r} is not supported; choose EarthReason, RRSIS-D or RefSegRS")
-    return DATASET_ALIASES[key]
-
-
 def _strict(cls, data: dict, section: str):
     check_known_keys(data, [f.name for f in dataclasses.fields(cls)], f"{section}.")
     return cls(**data)
@@ -62,16 +50,16 @@ class DataArgs:
     data_path: str = "datasets"
     train_split: str = "train"
     eval_split: str = "val"
-    question_sampling: str = "first"  # EarthReason questions / RRSIS-D sentences: first | random | all
-    foreground: str = "255"  # RefSegRS mask foreground: "255" (reference) | "nonzero"
+    question_sampling: str = "first"  # which of a sample's texts (data/spec.py): first | random | all
+    foreground: str = "255"  # mask foreground of datasets with a choice (RefSegRS): "255" (reference) | "nonzero"
     max_length: int | None = 2048  # model_max_length: longer prompts are truncated by the collator
 
     def __post_init__(self):
         self.dataset = canonical_dataset(self.dataset)
-        if self.question_sampling not in ("first", "random", "all"):
-            raise ValueError(f"data.question_sampling={self.question_sampling!r}; choose first, random or all")
-        if str(self.foreground) not in ("255", "nonzero"):
-            raise ValueError(f"data.foreground={self.foreground!r}; choose '255' or 'nonzero'")
+        if self.question_sampling not in SAMPLING_MODES:
+            raise ValueError(f"data.question_sampling={self.question_sampling!r}; choose one of {list(SAMPLING_MODES)}")
+        if str(self.foreground) not in foreground_choices():
+            raise ValueError(f"data.foreground={self.foreground!r}; choose one of {list(foreground_choices())}")
         self.foreground = str(self.foreground)
 
 
@@ -192,6 +180,7 @@ REFERENCE_FLAG_PATHS: dict[str, str] = {
     "lora_dropout": "model.lora.dropout",
     "lora_enable": "model.lora.enabled",
     "question_sampling": "data.question_sampling",
+    "sentence_sampling": "data.question_sampling",  # the reference's RRSIS-D name of the same switch
     "tokenizer_path": "init.tokenizer_path",
 }
 # Flags of the reference scripts that configure features we do not have or that are fixed here;

@@ -19,7 +19,8 @@ from segearthr1.data.registry import DATASETS, build_dataset, default_data_root
 from segearthr1.data.rrsisd import RRSISDDataset
 from segearthr1.data.synthetic import generate, uncompressed_rle
 from segearthr1.data.transforms import LetterboxGeometry, letterbox_mask
-from segearthr1.processing import NO_TARGET_ANSWER, encode_sample_text
+from segearthr1.data.registry import encode_sample_text
+from segearthr1.processing import NO_TARGET_ANSWER
 
 PROMPTS = load_reference("prompts.pt")
 

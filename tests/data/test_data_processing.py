@@ -7,16 +7,15 @@ from conftest import REFERENCE, load_reference
 from transformers import AutoTokenizer
 
 from segearthr1.data.collate import DataCollator
+from segearthr1.data.registry import build_conversation, encode_sample_text, prompt_template
 from segearthr1.processing import (
     ANSWER_TOKEN_INDEX,
-    IGNORE_INDEX,
+    IGNORE_LABEL_ID,
     IMAGE_TOKEN_INDEX,
     NO_TARGET_ANSWER,
     REFER_TOKEN_INDEX,
     SEG_TOKEN_INDEX,
-    build_conversation,
     encode_query,
-    encode_sample_text,
     seg_token_id,
     setup_tokenizer,
     tokenize_conversation,
@@ -120,7 +119,7 @@ def test_label_masking_rule_keeps_last_instruction_token():
         ids, labels = tokenize_conversation(prompt, tok)
         head = prompt.split("[/INST] ")[0] + "[/INST] "
         n = len(tokenize_with_placeholders(head, tok))
-        assert (labels[: n - 1] == IGNORE_INDEX).all()
+        assert (labels[: n - 1] == IGNORE_LABEL_ID).all()
         assert torch.equal(labels[n - 1:], ids[n - 1:])
         assert ids[-1].item() == 997 and labels[-1].item() == 997
         assert (ids == IMAGE_TOKEN_INDEX).sum() == 1 and (ids == REFER_TOKEN_INDEX).sum() == 1
@@ -141,7 +140,7 @@ class _PadCollidingTokenizer:
 def test_length_mismatch_masks_all_labels(caplog):
     tok = _PadCollidingTokenizer(_load("tokenizer_tiny_trained", False))
     _, labels = tokenize_conversation(build_conversation("RefSegRS", True), tok)
-    assert (labels == IGNORE_INDEX).all()
+    assert (labels == IGNORE_LABEL_ID).all()
     assert "tokenization mismatch" in caplog.text
 
 
@@ -164,12 +163,12 @@ def test_encode_query_uses_eval_prompts():
     referring = encode_query(tok, "the red triangle", task="referring")
     assert torch.equal(referring["input_ids"], PROMPTS["examples"]["RefSegRS/eval"]["input_ids"])
     assert "token_answer_id" not in referring and referring["dataset_type"] == "refer_seg"
-    short = encode_query(tok, "the red triangle", task="referring", dataset="RRSIS-D")
+    short = encode_query(tok, "the red triangle", task="referring", template=prompt_template("RRSIS-D", train=False))
     assert torch.equal(short["input_ids"], PROMPTS["examples"]["RRSIS-D/eval"]["input_ids"])
     with pytest.raises(ValueError, match="task"):
         encode_query(tok, "q", task="detect")
     with pytest.raises(ValueError, match="reason_seg"):
-        encode_query(tok, "q", task="referring", dataset="EarthReason")
+        encode_query(tok, "q", task="referring", template=prompt_template("EarthReason", train=False))
 
 
 def test_unknown_dataset_is_rejected():

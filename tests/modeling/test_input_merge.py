@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from segearthr1.modeling.input_merge import merge_multimodal_inputs
-from segearthr1.processing import (ANSWER_TOKEN_INDEX, IGNORE_INDEX, IMAGE_TOKEN_INDEX, REFER_TOKEN_INDEX,
+from segearthr1.processing import (ANSWER_TOKEN_INDEX, IGNORE_LABEL_ID, IMAGE_TOKEN_INDEX, REFER_TOKEN_INDEX,
                                    SEG_TOKEN_INDEX)
 
 HIDDEN, VOCAB, PAD, SEG_ID, NUM_VISUAL = 8, 50, 0, 49, 4
@@ -20,21 +20,21 @@ def naive_merge(input_ids, attention_mask, labels, embed, visual, refer, answer,
             tok = int(input_ids[b, pos])
             lab = int(labels[b, pos])
             if tok == IMAGE_TOKEN_INDEX:
-                embs += list(visual[b]); labs += [IGNORE_INDEX] * NUM_VISUAL; desc += [False] * NUM_VISUAL
+                embs += list(visual[b]); labs += [IGNORE_LABEL_ID] * NUM_VISUAL; desc += [False] * NUM_VISUAL
             elif tok == REFER_TOKEN_INDEX:
-                embs += list(embed(refer[b])); labs += [IGNORE_INDEX] * len(refer[b]); desc += [True] * len(refer[b])
+                embs += list(embed(refer[b])); labs += [IGNORE_LABEL_ID] * len(refer[b]); desc += [True] * len(refer[b])
             elif tok == ANSWER_TOKEN_INDEX:
                 embs += list(embed(answer[b])); labs += answer[b].tolist(); desc += [False] * len(answer[b])
             elif tok == SEG_TOKEN_INDEX:
                 if keep_seg:
-                    embs.append(embed(torch.tensor([SEG_ID]))[0]); labs.append(SEG_ID if lab != IGNORE_INDEX else lab)
+                    embs.append(embed(torch.tensor([SEG_ID]))[0]); labs.append(SEG_ID if lab != IGNORE_LABEL_ID else lab)
                     desc.append(False)
             else:
                 embs.append(embed(torch.tensor([tok]))[0]); labs.append(lab); desc.append(False)
         rows.append((torch.stack(embs), torch.tensor(labs), torch.tensor(desc)))
     length = max(len(r[1]) for r in rows)
     out_e = torch.zeros(len(rows), length, HIDDEN)
-    out_l = torch.full((len(rows), length), IGNORE_INDEX)
+    out_l = torch.full((len(rows), length), IGNORE_LABEL_ID)
     out_d = torch.zeros(len(rows), length, dtype=torch.bool)
     out_m = torch.zeros(len(rows), length, dtype=torch.bool)
     for b, (e, l, d) in enumerate(rows):
@@ -54,8 +54,8 @@ def make_batch(with_answer: bool):
         ids[b, :len(r)] = torch.tensor(r)
     mask = ids != PAD
     labels = ids.clone()
-    labels[:, :3] = IGNORE_INDEX
-    labels[~mask] = IGNORE_INDEX
+    labels[:, :3] = IGNORE_LABEL_ID
+    labels[~mask] = IGNORE_LABEL_ID
     refer = [torch.tensor([20, 21, 22, SEG_ID]), torch.tensor([23, SEG_ID])]
     answer = [torch.tensor([30, 31, SEG_ID]), torch.tensor([32, 33, 34, 35, SEG_ID])] if with_answer else None
     return ids, mask, labels, refer, answer

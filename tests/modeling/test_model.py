@@ -4,7 +4,7 @@ import torch
 
 from model_utils import TINY_LLAMA, make_batch, tiny_model
 from segearthr1.modeling.mask_decoder import UNUSED_PARAMETERS
-from segearthr1.processing import IGNORE_INDEX
+from segearthr1.processing import IGNORE_LABEL_ID
 
 
 @pytest.mark.parametrize("kind", ["reason_seg", "refer_seg"])
@@ -87,7 +87,7 @@ def test_llm_loss_matches_full_logits_cross_entropy():
                                    token_answer_id=batch["token_answer_id"])
     logits = model.get_output_embeddings()(hidden)
     expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                 merged.labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+                                                 merged.labels[:, 1:].reshape(-1), ignore_index=IGNORE_LABEL_ID)
     torch.testing.assert_close(model._lm_loss(hidden, merged.labels), expected)
 
 
