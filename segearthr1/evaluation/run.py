@@ -86,12 +86,12 @@ def _seed_everything(seed: int) -> None:
 def _letterbox_size(model_dir: Path, args: argparse.Namespace) -> int:
     """The model's input size S, read from config.json before the (slow) weight load."""
     from ..weights.files import read_json
-    from ..weights.reference_config import is_reference_config
+    from ..weights.reference_config import REFERENCE_IMAGE_SIZE, is_reference_config
 
     raw = read_json(model_dir / "config.json")
     if is_reference_config(raw):
-        return args.image_size or 1024
-    size = int(raw.get("image_size", 1024))
+        return args.image_size or REFERENCE_IMAGE_SIZE
+    size = int(raw.get("image_size", REFERENCE_IMAGE_SIZE))
     if args.image_size is not None and args.image_size != size:
         raise ValueError(f"--image_size {args.image_size} differs from the checkpoint's image_size {size}; "
                          "--image_size is only for reference releases, drop it for our checkpoints")

@@ -22,11 +22,10 @@ from ..processing import SEG_TOKEN
 from ..runtime import resolve_device, resolve_dtype
 from .files import load_state_dict_files, load_tokenizer, read_json, require_dir
 from .key_maps import convert_upstream_state_dict, verify_keys
-from .reference_config import config_from_reference, is_reference_config, load_mask_config
+from .reference_config import REFERENCE_IMAGE_SIZE, config_from_reference, is_reference_config, load_mask_config
 
 logger = logging.getLogger(__name__)
 
-REFERENCE_IMAGE_SIZE = 1024  # the reference letterboxes to 1024 and its config.json does not say so
 
 
 @contextlib.contextmanager

@@ -24,6 +24,8 @@ from ..errors import CheckpointNotFoundError
 logger = logging.getLogger(__name__)
 
 REFERENCE_MODEL_TYPES = ("llava_phi", "llava_llama", "segearth_r1", "psalm")
+# The reference letterboxes to 1024² and its config.json does not say so.
+REFERENCE_IMAGE_SIZE = 1024
 
 
 @dataclass(frozen=True)
