@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, NoReturn
 
 import numpy as np
 import torch
@@ -24,9 +24,6 @@ from .spec import DatasetSpec
 from .transforms import letterbox_image, letterbox_mask, normalize_image
 
 logger = logging.getLogger(__name__)
-
-GENERATOR_HINT = ("see datasets/README.md for where to download it, or write look-alike data with "
-                  "`python tools/make_synthetic_dataset.py --out DIR`")
 
 
 @dataclass(frozen=True)
@@ -109,12 +106,12 @@ class ReasoningSegDataset(Dataset):
         self.collect_problems = collect_problems
         self.problems: list[str] = []
         if not self.data_root.is_dir():
-            raise DatasetNotFoundError(self._missing(self.data_root, "data root"))
+            self._raise_missing(self.data_root, "data root")
         self._verify()
         self._load_index()
         if len(self) == 0:
-            raise DatasetNotFoundError(f"{self.name} split {split!r} under {self.root} has no samples; "
-                                       f"expected files laid out as\n{self.expected_tree}\n{GENERATOR_HINT}")
+            raise DatasetNotFoundError(what=f"{self.name} split {split!r} has no samples", where=self.root,
+                                       expected=f"files laid out as\n{self.expected_tree}")
         self._text = TextEncoder(tokenizer, spec.prompt(self.train)) if tokenizer is not None else None
         if not collect_problems:
             self[0]  # cheap start-up check: the first sample opens and its image/mask sizes agree
@@ -148,13 +145,13 @@ class ReasoningSegDataset(Dataset):
         raise NotImplementedError
 
     # --- shared machinery -----------------------------------------------------------------------------------
-    def _missing(self, path: Path, what: str) -> str:
-        return (f"{self.name} {what} {path} does not exist; expected (relative to data_root="
-                f"{self.data_root}):\n{self.expected_tree}\n{GENERATOR_HINT}")
+    def _raise_missing(self, path: Path, what: str) -> NoReturn:
+        raise DatasetNotFoundError(what=f"{self.name} {what} {path} does not exist",
+                                   expected=f"(relative to data_root={self.data_root}):\n{self.expected_tree}")
 
     def _require(self, path: Path, what: str, is_dir: bool = True) -> None:
         if not (path.is_dir() if is_dir else path.is_file()):
-            raise DatasetNotFoundError(self._missing(path, what))
+            self._raise_missing(path, what)
 
     def _problem(self, message: str, error=DatasetCorruptedError) -> None:
         """Raise `error(message)`, or record it when collecting problems (check-data)."""
@@ -186,8 +183,8 @@ class ReasoningSegDataset(Dataset):
             raise DatasetCorruptedError(f"{self._where(source)}: {err}") from err
         if mask.shape != tuple(image_hw):
             raise DatasetCorruptedError(
-                f"{self._where(source)}: mask is {mask.shape[0]}x{mask.shape[1]} but image "
-                f"{source.image_path} is {image_hw[0]}x{image_hw[1]}; they must have the same size")
+                what=f"mask is {mask.shape[0]}x{mask.shape[1]} but image {source.image_path} is "
+                     f"{image_hw[0]}x{image_hw[1]}", where=self._where(source), expected="the same size")
         return self._build_sample(image, mask, source)
 
     def _build_sample(self, image: np.ndarray, mask: np.ndarray, source: SampleSource) -> dict:
