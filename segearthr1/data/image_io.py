@@ -46,8 +46,9 @@ def read_image_rgb(path, bands: list[int] | None = None) -> np.ndarray:
     else:
         bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if bgr is None:
-            raise DatasetCorruptedError(f"cannot decode image {path} with OpenCV; the file is damaged or "
-                                        f"not an image (supported: {', '.join(IMAGE_EXTENSIONS)})")
+            raise DatasetCorruptedError(what="cannot decode the image with OpenCV", where=path,
+                                        hint=f"the file is damaged or not an image (supported: "
+                                             f"{', '.join(IMAGE_EXTENSIONS)})")
         chw, nodata = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB).transpose(2, 0, 1), None
     if (small := small_image_message(path, chw.shape[1], chw.shape[2])) is not None:
         warning_once(small)
@@ -71,7 +72,8 @@ def bands_to_rgb_uint8(chw: np.ndarray, bands: list[int] | None = None, nodata: 
 def select_rgb_bands(chw: np.ndarray, bands: list[int] | None = None, name: str = "array") -> np.ndarray:
     """The [3, H, W] bands shown as R, G, B (band rule of the module docstring), dtype unchanged."""
     if chw.ndim != 3 or chw.shape[0] < 1:
-        raise DatasetCorruptedError(f"{name}: expected a [bands, H, W] raster, got shape {chw.shape}")
+        raise DatasetCorruptedError(what="the raster has the wrong shape", where=name, found=f"shape {chw.shape}",
+                                    expected="a [bands, H, W] raster")
     count = chw.shape[0]
     if bands is not None:
         bands = [int(b) for b in bands]
@@ -130,7 +132,7 @@ def _read_tiff_bands(path: Path) -> tuple[np.ndarray, float | None]:
                 with rasterio.open(path) as src:
                     return src.read(), src.nodata
         except RasterioError as err:
-            raise DatasetCorruptedError(f"cannot read TIFF {path} with rasterio: {err}") from err
+            raise DatasetCorruptedError(what=f"cannot read the TIFF with rasterio: {err}", where=path) from err
     arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if arr is not None:
         if arr.ndim == 2:
@@ -144,8 +146,8 @@ def _read_tiff_bands(path: Path) -> tuple[np.ndarray, float | None]:
         with Image.open(path) as img:
             arr = np.asarray(img)
     except (OSError, ValueError) as err:
-        raise DatasetCorruptedError(f"cannot read TIFF {path} (OpenCV and Pillow failed: {err}); "
-                                    f"`pip install rasterio` reads most GeoTIFFs") from err
+        raise DatasetCorruptedError(what=f"cannot read the TIFF (OpenCV and Pillow failed: {err})", where=path,
+                                    hint="`pip install rasterio` reads most GeoTIFFs") from err
     return (arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)), None
 
 
@@ -162,7 +164,8 @@ def read_mask(path) -> np.ndarray:
     if arr is None and path.suffix.lower() in TIFF_EXTENSIONS:
         arr = _read_tiff_bands(path)[0].transpose(1, 2, 0)
     if arr is None:
-        raise DatasetCorruptedError(f"cannot decode mask {path}; the file is damaged or not an image")
+        raise DatasetCorruptedError(what="cannot decode the mask", where=path,
+                                    hint="the file is damaged or not an image")
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
     if arr.dtype == np.uint8:
@@ -170,7 +173,7 @@ def read_mask(path) -> np.ndarray:
             return arr
         grey = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
         if grey is None:
-            raise DatasetCorruptedError(f"cannot decode mask {path} as greyscale")
+            raise DatasetCorruptedError(what="cannot decode the mask as greyscale", where=path)
         return grey
     if arr.ndim == 3:
         arr = arr.max(axis=2)
