@@ -25,10 +25,9 @@ def check_file_path(path: str | Path, what: str) -> Path:
     """A regular file at `path`, or an error saying what is there instead."""
     path = Path(path)
     if path.is_dir():
-        raise DatasetCorruptedError(f"{what} {path} is a directory; expected a file")
+        raise DatasetCorruptedError(what=f"{what} {path} is a directory", expected="a file")
     if not path.is_file():
-        raise DatasetNotFoundError(f"{what} file {path} does not exist; check the dataset layout "
-                                   f"(datasets/README.md) or the path you passed")
+        raise DatasetNotFoundError(what=f"{what} file {path} does not exist", hint="if you passed this path yourself, check it")
     return path
 
 
@@ -38,17 +37,17 @@ def check_image_bytes(path: str | Path, what: str = "image") -> None:
     path = check_file_path(path, what)
     size = path.stat().st_size
     if size == 0:
-        raise DatasetCorruptedError(f"{what} {path} is empty (0 bytes)")
+        raise DatasetCorruptedError(what=f"{what} {path} is empty", found="0 bytes")
     with open(path, "rb") as f:
         head = f.read(8)
         f.seek(max(0, size - TAIL_BYTES))
         tail = f.read()
     if head.startswith(JPEG_MAGIC) and JPEG_EOI not in tail:
-        raise DatasetCorruptedError(f"{what} {path} is a truncated or damaged JPEG ({size} bytes, no end-of-image "
-                                    "marker FF D9 at the end); re-download or re-copy the file")
+        raise DatasetCorruptedError(what=f"{what} {path} is a truncated or damaged JPEG",
+                                    found=f"{size} bytes, no end-of-image marker FF D9 at the end")
     if head.startswith(PNG_MAGIC) and PNG_IEND not in tail:
-        raise DatasetCorruptedError(f"{what} {path} is a truncated or damaged PNG ({size} bytes, no IEND chunk at "
-                                    "the end); re-download or re-copy the file")
+        raise DatasetCorruptedError(what=f"{what} {path} is a truncated or damaged PNG",
+                                    found=f"{size} bytes, no IEND chunk at the end")
 
 
 def small_image_message(path: str | Path, height: int, width: int) -> str | None:
@@ -65,9 +64,9 @@ def read_json_file(path: str | Path, what: str):
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
-        raise DatasetCorruptedError(f"{what} {path} is not UTF-8 text (byte {err.start}: {err.reason}); save it "
-                                    "as UTF-8 JSON") from err
+        raise DatasetCorruptedError(what=f"{what} {path} is not UTF-8 text", found=f"byte {err.start}: {err.reason}",
+                                    hint="save it as UTF-8 JSON") from err
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        raise DatasetCorruptedError(f"{what} {path} is not valid JSON ({err})") from err
+        raise DatasetCorruptedError(what=f"{what} {path} is not valid JSON ({err})") from err
