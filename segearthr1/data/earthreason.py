@@ -46,8 +46,8 @@ def _by_stem(directory: Path, suffixes: tuple[str, ...], what: str, problem) -> 
                 clashes.append(f"{found[p.stem].name} / {p.name}")
             found[p.stem] = p
     if clashes:
-        raise DatasetCorruptedError(f"EarthReason {what} in {directory} has several files per stem, so "
-                                    f"pairing is ambiguous: {list_preview(clashes)}; keep one per stem")
+        raise DatasetCorruptedError(what=f"EarthReason {what} has several files per stem, so pairing is ambiguous",
+                                    where=directory, found=list_preview(clashes), expected="one file per stem")
     return found, directories
 
 
@@ -57,12 +57,14 @@ def load_qa(path: Path) -> tuple[list[str], list[str]]:
     try:
         questions, answers = qa["questions"], qa["answer"]
     except (KeyError, TypeError) as err:
-        raise DatasetCorruptedError(f"EarthReason QA file {path} is unreadable ({err!r}); expected JSON "
-                                    f'{{"questions": [str, ...], "answer": [str, ...]}}') from err
+        raise DatasetCorruptedError(what=f"EarthReason QA file {path} is unreadable ({err!r})",
+                                    expected='JSON {"questions": [str, ...], "answer": [str, ...]}') from err
     if (not isinstance(questions, list) or not questions or not all(isinstance(q, str) for q in questions)
             or not isinstance(answers, list) or not all(isinstance(a, str) for a in answers)):
-        raise DatasetCorruptedError(f"EarthReason QA file {path}: 'questions' must be a non-empty list of "
-                                    f"strings and 'answer' a (possibly empty) list of strings")
+        raise DatasetCorruptedError(what="'questions' or 'answer' has the wrong type",
+                                    where=f"EarthReason QA file {path}",
+                                    expected="'questions' a non-empty list of strings and 'answer' a (possibly "
+                                             "empty) list of strings")
     return questions, answers
 
 
@@ -115,9 +117,9 @@ class EarthReasonDataset(ReasoningSegDataset):
         problems = [f"{k}: {list_preview(v)}" for k, v in unpaired.items() if v]
         if problems and not self.collect_problems:
             raise DatasetNotFoundError(
-                f"EarthReason split {self.split!r} in {self.root} has files that do not pair by stem "
-                f"(images/<stem>.*, labels/<stem>.png, QAs/<stem>.json): " + "; ".join(problems)
-                + ". Add the missing files or remove the strays.")
+                what=f"EarthReason split {self.split!r} has files that do not pair by stem", where=self.root,
+                found="; ".join(problems), expected="images/<stem>.*, labels/<stem>.png, QAs/<stem>.json",
+                hint="add the missing files or remove the strays")
         kept = []
         self._qas = []
         for s in stems:
