@@ -29,8 +29,8 @@ def parse_phrase_file(path: Path) -> list[tuple[str, str]]:
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
-        raise DatasetCorruptedError(f"RefSegRS phrase file {path} is not UTF-8 text (byte {err.start}: "
-                                    f"{err.reason}); save it as UTF-8") from err
+        raise DatasetCorruptedError(what=f"RefSegRS phrase file {path} is not UTF-8 text",
+                                    found=f"byte {err.start}: {err.reason}", hint="save it as UTF-8") from err
     for lineno, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if not line:
@@ -41,8 +41,8 @@ def parse_phrase_file(path: Path) -> list[tuple[str, str]]:
             continue
         entries.append((parts[0], parts[1]))
     if bad:
-        raise DatasetCorruptedError(f"RefSegRS phrase file {path} has lines without 'ID phrase': "
-                                    f"{list_preview(bad, 10)}")
+        raise DatasetCorruptedError(what=f"RefSegRS phrase file {path} has lines without 'ID phrase'",
+                                    found=list_preview(bad, 10))
     return entries
 
 
@@ -86,8 +86,8 @@ class RefSegRSDataset(ReasoningSegDataset):
         elif no_image or no_mask:
             parts = [f"{what} missing for ID(s) {list_preview(v)}"
                      for what, v in (("images/<ID>.tif", no_image), ("masks/<ID>.tif", no_mask)) if v]
-            raise DatasetNotFoundError(f"RefSegRS {self.phrase_file.name} lists samples whose files are not in "
-                                       f"{self.root}: " + "; ".join(parts))
+            raise DatasetNotFoundError(what=f"RefSegRS {self.phrase_file.name} lists samples whose files are missing",
+                                       where=self.root, found="; ".join(parts))
 
     def __len__(self) -> int:
         return len(self._entries)

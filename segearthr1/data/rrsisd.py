@@ -63,13 +63,15 @@ class RRSISDDataset(ReasoningSegDataset):
                                            self.root / "rrsisd" / "instances.json", self.split)
         if len(self.index) == 0:
             raise DatasetNotFoundError(
-                f"RRSIS-D refs file has no refs with split {self.split!r}; splits present: "
-                f"{self.index.available_splits or 'none'}")
+                what=f"RRSIS-D refs file has no refs with split {self.split!r}",
+                where=self.root / "rrsisd" / self.refs_file,
+                found=f"splits present: {self.index.available_splits or 'none'}")
         present = {p.name for p in self.image_dir.iterdir()}
         missing = sorted({info.file_name for info in self.index.images.values()} - present)
         if missing and not self.collect_problems:
-            raise DatasetNotFoundError(f"RRSIS-D split {self.split!r}: {len(missing)} image(s) named in "
-                                       f"instances.json are not in {self.image_dir}: {list_preview(missing)}")
+            raise DatasetNotFoundError(what=f"RRSIS-D split {self.split!r}: {len(missing)} image(s) named in "
+                                            f"instances.json are missing", where=self.image_dir,
+                                       found=list_preview(missing))
         self.problems.extend(f"{self.image_dir / name}: named in instances.json but missing" for name in missing)
         if self.question_sampling == "all":
             self._items = [(r, s) for r, ref in enumerate(self.index.refs) for s in range(len(ref.sentences))]
