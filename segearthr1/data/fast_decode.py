@@ -64,8 +64,8 @@ def read_image_for_letterbox(path, size: int) -> tuple[np.ndarray, tuple[int, in
     flag = dict(REDUCED_FLAGS)[scale]
     bgr = cv2.imread(str(path), flag)
     if bgr is None:
-        raise DatasetCorruptedError(f"cannot decode image {path} with OpenCV (reduced 1/{scale} decode); "
-                                    "the file is damaged or not a JPEG")
+        raise DatasetCorruptedError(what=f"cannot decode the image with OpenCV (reduced 1/{scale} decode)",
+                                    where=path, hint="the file is damaged or not a JPEG")
     h, w = header
     expected = (math.ceil(h / scale), math.ceil(w / scale))
     if bgr.shape[:2] == expected:

@@ -40,8 +40,8 @@ def _coco_mask():
     try:
         from pycocotools import mask as coco_mask
     except ImportError as err:
-        raise DependencyNotFoundError("RRSIS-D masks are decoded with pycocotools; "
-                                      "`pip install pycocotools`") from err
+        raise DependencyNotFoundError(what="RRSIS-D masks are decoded with pycocotools",
+                                      hint="`pip install pycocotools`") from err
     return coco_mask
 
 
@@ -51,21 +51,21 @@ def decode_segmentation(segmentation, height: int, width: int, where: str = "ann
     if isinstance(segmentation, list):
         polygons = [p for p in segmentation if isinstance(p, (list, tuple)) and len(p) >= 6]
         if not polygons:
-            raise DatasetCorruptedError(f"{where}: segmentation has no polygon with >= 3 points "
-                                        f"({len(segmentation)} part(s) given)")
+            raise DatasetCorruptedError(what="segmentation has no polygon with >= 3 points", where=where,
+                                        found=f"{len(segmentation)} part(s)")
         rle = coco_mask.merge(coco_mask.frPyObjects([list(map(float, p)) for p in polygons],
                                                     height, width))
     elif isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
         size = [int(v) for v in segmentation["size"]]
         if size != [height, width]:
-            raise DatasetCorruptedError(f"{where}: RLE size {size} differs from the image size "
-                                        f"[{height}, {width}] in instances.json")
+            raise DatasetCorruptedError(what=f"RLE size {size} differs from the image size in instances.json",
+                                        where=where, expected=f"[{height}, {width}]")
         counts = segmentation["counts"]
         rle = coco_mask.frPyObjects(segmentation, height, width) if isinstance(counts, list) else \
             {"size": size, "counts": counts}
     else:
-        raise DatasetCorruptedError(f"{where}: unknown segmentation format {type(segmentation).__name__}; "
-                                    f"expected a polygon list or an RLE dict with 'size' and 'counts'")
+        raise DatasetCorruptedError(what=f"unknown segmentation format {type(segmentation).__name__}", where=where,
+                                    expected="a polygon list or an RLE dict with 'size' and 'counts'")
     mask = coco_mask.decode(rle)
     if mask.ndim == 3:
         mask = mask.any(axis=2)
@@ -81,9 +81,10 @@ def load_refs_pickle(path: Path) -> list:
                 f.seek(0)
                 refs = pickle.load(f, encoding="latin1")
     except (OSError, pickle.UnpicklingError, EOFError, ValueError, IndexError, AttributeError, ImportError) as err:
-        raise DatasetCorruptedError(f"cannot unpickle the refs file {path}: {err}") from err
+        raise DatasetCorruptedError(what=f"cannot unpickle the refs file: {err}", where=path) from err
     if not isinstance(refs, list):
-        raise DatasetCorruptedError(f"refs file {path} holds a {type(refs).__name__}; expected a list of refs")
+        raise DatasetCorruptedError(what="the refs file holds no list", where=path, found=type(refs).__name__,
+                                    expected="a list of refs")
     return refs
 
 
@@ -102,7 +103,7 @@ class ReferIndex:
         refs_path, instances_path = Path(refs_path), Path(instances_path)
         for p in (refs_path, instances_path):
             if not p.is_file():
-                raise DatasetNotFoundError(f"RRSIS-D annotation file {p} does not exist")
+                raise DatasetNotFoundError(what=f"RRSIS-D annotation file {p} does not exist")
         raw_refs = load_refs_pickle(refs_path)
 
         entries: list[ReferEntry] = []
@@ -118,17 +119,17 @@ class ReferIndex:
                                           sentences))
             except (KeyError, TypeError, AttributeError, ValueError) as err:
                 raise DatasetCorruptedError(
-                    f"ref #{i} in {refs_path} is malformed ({err!r}); each ref needs ref_id, image_id, "
-                    f"ann_id, split and sentences with 'raw' text") from err
+                    what=f"ref #{i} is malformed ({err!r})", where=refs_path,
+                    expected="each ref with ref_id, image_id, ann_id, split and sentences with 'raw' text") from err
             if not sentences:
-                raise DatasetCorruptedError(f"ref_id {entries[-1].ref_id} in {refs_path} has no sentences")
+                raise DatasetCorruptedError(what=f"ref_id {entries[-1].ref_id} has no sentences", where=refs_path)
 
         instances = read_json_file(instances_path, "RRSIS-D instances file")
         try:
             image_list, ann_list = instances["images"], instances["annotations"]
         except (KeyError, TypeError) as err:
-            raise DatasetCorruptedError(f"cannot read {instances_path} as COCO instances with 'images' and "
-                                        f"'annotations' ({err!r})") from err
+            raise DatasetCorruptedError(what=f"cannot read it as COCO instances ({err!r})", where=instances_path,
+                                        expected="COCO instances with 'images' and 'annotations'") from err
 
         wanted_images = {e.image_id for e in entries}
         wanted_anns = {e.ann_id for e in entries}
@@ -155,8 +156,8 @@ class ReferIndex:
                                 f"{ann_images[e.ann_id]}, not to the ref's image_id {e.image_id}")
         if problems:
             raise DatasetCorruptedError(
-                f"{len(problems)} RRSIS-D ref(s) of split {split!r} do not match {instances_path}: "
-                + "; ".join(problems[:20]) + (" ..." if len(problems) > 20 else ""))
+                what=f"{len(problems)} RRSIS-D ref(s) of split {split!r} do not match {instances_path}",
+                found="; ".join(problems[:20]) + (" ..." if len(problems) > 20 else ""))
         logger.info("RRSIS-D index: %d refs in split %r (%d images)", len(entries), split, len(images))
         return cls(entries, images, segmentations, split_counts)
 
