@@ -46,23 +46,23 @@ def validate_checkpoint(path: str | Path) -> None:
     path = Path(path)
     state_file = path / TRAINER_STATE
     if not state_file.is_file():
-        raise CheckpointCorruptedError(f"{state_file} is missing (the save did not finish)")
+        raise CheckpointCorruptedError(what=f"{state_file} is missing (the save did not finish)")
     state = check_json(state_file)
     m = CHECKPOINT_PATTERN.match(path.name)
     if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
-        raise CheckpointCorruptedError(f"{state_file} has no integer 'global_step'")
+        raise CheckpointCorruptedError(what=f"{state_file} has no integer 'global_step'")
     if m and state["global_step"] != int(m.group(1)):
-        raise CheckpointCorruptedError(f"{state_file} says global_step {state['global_step']} but the directory "
-                                       f"is {path.name}")
+        raise CheckpointCorruptedError(what=f"{state_file} says global_step {state['global_step']} but the "
+                                            f"directory is {path.name}")
     if not any((path / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json",
                                                      "pytorch_model.bin")):
-        raise CheckpointCorruptedError(f"{path} has no model weights (model.safetensors)")
+        raise CheckpointCorruptedError(what="no model weights", where=path, expected="model.safetensors")
     latest = path / "latest"
     if latest.is_file():
         tag = latest.read_text(encoding="utf-8").strip()
         if not tag or not (path / tag).is_dir():
-            raise CheckpointCorruptedError(f"{latest} names DeepSpeed state {tag!r} but {path / (tag or '?')} "
-                                           "does not exist")
+            raise CheckpointCorruptedError(what=f"names DeepSpeed state {tag!r} but {path / (tag or '?')} does not "
+                                                "exist", where=latest)
     for file in sorted(path.rglob("*")):
         if file.is_file():
             check_file(file)
@@ -84,8 +84,10 @@ def find_resume_checkpoint(output_dir: str | Path) -> Path | None:
             logger.warning("resuming from %s (newer checkpoint(s) are damaged: %s)", path, "; ".join(problems))
         return path
     if problems:
-        raise CheckpointCorruptedError(f"no usable checkpoint in {output_dir} to resume from: " + "; ".join(problems)
-                                       + ". Remove the damaged directories to start over, or train without --resume")
+        raise CheckpointCorruptedError(what="no usable checkpoint to resume from", where=output_dir,
+                                       found="; ".join(problems),
+                                       hint="or remove the damaged directories to start over, or train without "
+                                            "--resume")
     return None
 
 
@@ -153,7 +155,9 @@ def reported_save_errors(staged: Path, output_dir: Path) -> Iterator[None]:
         previous = newest_valid_checkpoint(output_dir)
         kept = f"the newest complete checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
         if is_disk_full(err):
-            raise CheckpointSaveError(errno.ENOSPC, f"disk full while saving checkpoint to {staged} ({free} free "
-                                      f"there; writer said: {err}); {kept}. Free space or set train.output_dir to "
-                                      "a larger disk, then rerun with --resume") from err
-        raise CheckpointSaveError(f"saving checkpoint to {staged} failed: {type(err).__name__}: {err}; {kept}") from err
+            # OSError(errno, message) keeps err.errno, so the message is composed rather than passed as what=
+            raise CheckpointSaveError(errno.ENOSPC, CheckpointSaveError.compose(
+                f"disk full while saving checkpoint to {staged}", found=f"{free} free there; writer said: {err}",
+                hint=f"{kept}; then rerun with --resume")) from err
+        raise CheckpointSaveError(what=f"saving checkpoint to {staged} failed: {type(err).__name__}: {err}",
+                                  hint=kept) from err
