@@ -206,8 +206,8 @@ class MaskCriterion(nn.Module):
         try:
             from scipy.optimize import linear_sum_assignment
         except ImportError as e:
-            raise DependencyNotFoundError("MaskCriterion.match needs scipy for Hungarian matching; "
-                                          "install it with `pip install scipy`") from e
+            raise DependencyNotFoundError(what="MaskCriterion.match needs scipy for Hungarian matching",
+                                          hint="pip install scipy") from e
         b = pred_masks.shape[0]
         coords = self.rand(b, self.num_points, 2, device=pred_masks.device, dtype=torch.float32)
         out = point_sample(pred_masks.float(), coords)          # [B,Q,P]

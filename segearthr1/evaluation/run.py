@@ -120,8 +120,8 @@ def run(args: argparse.Namespace) -> EvalResult:
         _log_ignored_flags(args)
         model_dir = Path(args.model_path).expanduser()
         if not model_dir.is_dir():
-            raise CheckpointNotFoundError(f"--model_path {model_dir} does not exist or is not a directory; "
-                                          f"{MODEL_DIR_LAYOUT}")
+            raise CheckpointNotFoundError(what="--model_path does not exist or is not a directory", where=model_dir,
+                                          hint=MODEL_DIR_LAYOUT)
         data_path = Path(args.data_path).expanduser() if args.data_path else default_data_root()
         image_size = _letterbox_size(model_dir, args)
         # the dataset is checked before the weights are read, so a wrong data path fails in seconds

@@ -44,7 +44,7 @@ def _rasterio():
         import rasterio
         import rasterio.features  # noqa: F401  (submodule used by mask_to_polygons)
     except ImportError as err:
-        raise DependencyNotFoundError(f"GeoTIFF input/output needs rasterio ({err}); {_INSTALL_HINT}") from err
+        raise DependencyNotFoundError(what=f"GeoTIFF input/output needs rasterio ({err})", hint=_INSTALL_HINT) from err
     return rasterio
 
 
@@ -53,7 +53,7 @@ def _shapely():
         import shapely
         import shapely.geometry  # noqa: F401
     except ImportError as err:
-        raise DependencyNotFoundError(f"polygon output needs shapely ({err}); {_INSTALL_HINT}") from err
+        raise DependencyNotFoundError(what=f"polygon output needs shapely ({err})", hint=_INSTALL_HINT) from err
     return shapely
 
 
@@ -196,7 +196,7 @@ def geodesic_area_m2(polygons: list, info: GeoInfo) -> float:
     try:
         from pyproj import CRS as ProjCRS
     except ImportError as err:
-        raise DependencyNotFoundError(f"geodesic areas need pyproj ({err}); pip install pyproj") from err
+        raise DependencyNotFoundError(what=f"geodesic areas need pyproj ({err})", hint="pip install pyproj") from err
     geod = ProjCRS.from_wkt(info.crs.to_wkt()).get_geod()
     t = info.transform
     step = min(v for v in (abs(t.a), abs(t.b), abs(t.d), abs(t.e)) if v > 0)

@@ -19,7 +19,7 @@ def apply_lora(language_model: nn.Module, cfg: LoraConfig) -> nn.Module:
         from peft import LoraConfig as PeftLoraConfig
         from peft import inject_adapter_in_model
     except ImportError as err:  # peft is a declared dependency; this names the fix if it is missing
-        raise DependencyNotFoundError("LoRA needs peft: pip install peft") from err
+        raise DependencyNotFoundError(what="LoRA needs peft", hint="pip install peft") from err
     names = {name.rsplit(".", 1)[-1] for name, module in language_model.named_modules() if isinstance(module, nn.Linear)}
     missing = [t for t in cfg.target_modules if t not in names]
     if missing:
