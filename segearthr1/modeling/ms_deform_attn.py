@@ -12,7 +12,9 @@ import functools
 import importlib
 import logging
 import math
+import warnings
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +97,93 @@ def ms_deform_attn_core_pytorch(
     return output.view(batch, heads * head_dim, queries).transpose(1, 2).to(out_dtype).contiguous()
 
 
+class _GatherLayout(NamedTuple):
+    """Where the zero-padded level maps lie in the row table of :func:`ms_deform_attn_core_gather`."""
+
+    rows_per_map: int  # rows of one (batch, head) map: all levels, padded
+    level_start: tuple[int, ...]  # first row of each level inside a map
+    level_rows: tuple[int, ...]  # rows of each padded level
+    corner_steps: tuple[tuple[int, int, int, int], ...]  # per level: row offset of the 4 corners from top-left
+
+
+class _WeightedGatherCPU(torch.autograd.Function):
+    """``out[n] = sum_(j, c) weight[n, j, c] * rows[top_left[n, j] + corner_steps[level(j)][c]]`` with a
+    CPU backward written as two fast kernels instead of ``embedding_bag``'s generic one.
+
+    Why: ``embedding_bag``'s forward is a fused weighted gather, but its backward sorts all N*J*4 indices and
+    scatters rows one by one (then computes the weight gradient in a second slow pass): 10x the forward's
+    time. Here (1) the row gradient is a forward ``embedding_bag`` over the *transposed* structure: the
+    N*J top-left indices (4x fewer than the corners) are sorted once, each corner's weighted sum of output
+    gradients is gathered per top-left row, and the four sums are added in at their corner offsets; (2) the
+    weight gradient ``rows[index] . grad[n]`` is exactly a sampled dense product, ``torch.sparse.sampled_addmm``
+    over the CSR pattern (bag n, column index), which never materialises the gathered rows. One full-size
+    layer, 2 threads, forward + backward: 2.61 -> 1.03 s at 1024², 0.54 -> 0.21 s at 512²; the tiny config's
+    layer 67 -> 29 ms (1 thread). The sort is stable, so results are deterministic; gradients equal
+    embedding_bag's to float32 rounding (tests/modeling/test_ms_deform_attn.py, plus a float64 gradcheck).
+    """
+
+    @staticmethod
+    def forward(ctx, rows, top_left, weight, layout: _GatherLayout):
+        ctx.layout = layout
+        ctx.save_for_backward(rows, top_left, weight)
+        return F.embedding_bag(_corner_index(top_left, layout), rows, per_sample_weights=weight.flatten(1), mode="sum")
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        rows, top_left, weight = ctx.saved_tensors
+        layout = ctx.layout
+        grad_output = grad_output.contiguous()
+        grad_rows = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_rows = _row_gradient(grad_output, rows.shape[0], top_left, weight, layout)
+        if ctx.needs_input_grad[2]:
+            bags, per_bag = top_left.shape[0], top_left.shape[1] * 4
+            index = _corner_index(top_left, layout).reshape(-1).long()
+            crow = torch.arange(0, bags * per_bag + 1, per_bag, dtype=torch.long)
+            with warnings.catch_warnings():  # "sparse CSR support is in beta": the op is exact and tested here
+                warnings.simplefilter("ignore", UserWarning)
+                pattern = torch.sparse_csr_tensor(crow, index, rows.new_zeros(index.numel()), size=(bags, rows.shape[0]),
+                                                  check_invariants=False)  # columns are unsorted, may repeat
+                grad_weight = torch.sparse.sampled_addmm(pattern, grad_output, rows.t(), beta=0.0).values()
+            grad_weight = grad_weight.view(weight.shape)
+        return grad_rows, None, grad_weight, None
+
+
+def _corner_index(top_left: torch.Tensor, layout: _GatherLayout) -> torch.Tensor:
+    """[N, J] top-left rows -> [N, J*4] rows of the 4 corners (J = levels * points, level-major)."""
+    steps = torch.tensor(layout.corner_steps, dtype=top_left.dtype, device=top_left.device)  # [L, 4]
+    bags, per_bag = top_left.shape
+    levels = steps.shape[0]
+    return (top_left.view(bags, levels, per_bag // levels, 1) + steps[None, :, None, :]).view(bags, per_bag * 4)
+
+
+def _row_gradient(grad_output, num_rows: int, top_left, weight, layout: _GatherLayout) -> torch.Tensor:
+    """d out / d rows: for every row r, sum over the samples whose corner c lands on r of weight * grad."""
+    per_bag = top_left.shape[1]
+    flat = top_left.reshape(-1)
+    order = torch.sort(flat, stable=True).indices
+    counts = torch.bincount(flat, minlength=num_rows)
+    starts = counts.cumsum(0) - counts
+    bag_of_sample = order // per_bag
+    weight_sorted = weight.reshape(-1, 4).index_select(0, order)
+    maps = num_rows // layout.rows_per_map
+    grad_rows = None
+    for c in range(4):
+        # per top-left row: the sum of weight(corner c) * grad over the samples with that top-left
+        at_top_left = F.embedding_bag(bag_of_sample, grad_output, starts,
+                                      per_sample_weights=weight_sorted[:, c].contiguous(), mode="sum")
+        if c == 0:  # corner offset 0 on every level
+            grad_rows = at_top_left
+            continue
+        src = at_top_left.view(maps, layout.rows_per_map, -1)
+        dst = grad_rows.view(maps, layout.rows_per_map, -1)
+        for start, size, steps in zip(layout.level_start, layout.level_rows, layout.corner_steps):
+            step = steps[c]  # corners stay inside their padded level, so the last `step` rows carry nothing
+            dst[:, start + step: start + size] += src[:, start: start + size - step]
+    return grad_rows
+
+
 def ms_deform_attn_core_gather(
     value: torch.Tensor,
     spatial_shapes: torch.Tensor | Sequence[tuple[int, int]],
@@ -109,9 +198,10 @@ def ms_deform_attn_core_gather(
     of D channels (one or two cache lines per corner) and each (query, head) is one bag of
     levels * points * 4 corners whose per-sample weight is attention weight times bilinear weight, so
     sampling and mixing are a single fused kernel. 2-core CPU, one full-size layer (8 heads x 32, 3 levels,
-    4 points), fp32, vs grid_sample (tools/bench_deform_attn.py): forward 0.15 vs 0.70 s at 1024² and 0.035
-    vs 0.069 s at 512²; forward + backward 2.01 vs 3.41 s and 0.378 vs 0.395 s (the backward is a sorted
-    scatter and gains little).
+    4 points), fp32, 2 threads, vs grid_sample (tools/bench_deform_attn.py, one session): forward 0.23 vs
+    0.70 s at 1024² and 0.050 vs 0.076 s at 512²; forward + backward 1.03 vs 3.14 s and 0.21 vs 0.38 s. On
+    CPU the backward is :class:`_WeightedGatherCPU`'s (embedding_bag's own took 2.61 s and 0.54 s there);
+    on CUDA it is embedding_bag's.
     Each level is padded by one zero row/column before and two after, and pixel coordinates are clamped
     to [-1, size]: every corner index is then valid and out-of-map corners read zeros
     (``padding_mode="zeros"``) without a validity mask. Runs in float32 like the reference core.
@@ -141,13 +231,19 @@ def ms_deform_attn_core_gather(
     start = (torch.arange(batch * heads, dtype=index_dtype, device=device) * rows_per_map).view(batch, 1, heads, 1, 1)
     start = start + torch.tensor(level_start, dtype=index_dtype, device=device).view(levels, 1)
     top_left = corner[..., 1] * pitch[:, None] + corner[..., 0] + start  # [B, Q, M, L, P]
-    steps = torch.stack([torch.zeros_like(pitch), torch.ones_like(pitch), pitch, pitch + 1], -1)  # [L, 4]
-    index = top_left.unsqueeze(-1) + steps[:, None, :]  # corners (y0x0, y0x1, y1x0, y1x1)
     weight_y = attention_weights.float().unsqueeze(-1) * torch.stack([1 - frac_y, frac_y], -1)
     weight = (weight_y.unsqueeze(-1) * torch.stack([1 - frac_x, frac_x], -1).unsqueeze(-2)).flatten(-2)
     bags = batch * queries * heads
-    output = F.embedding_bag(index.view(bags, -1), rows.view(-1, head_dim),
-                             per_sample_weights=weight.view(bags, -1), mode="sum")
+    if rows.device.type == "cpu":
+        layout = _GatherLayout(rows_per_map, tuple(level_start), tuple((h + 3) * (w + 3) for h, w in shapes),
+                               tuple((0, 1, w + 3, w + 4) for _, w in shapes))
+        output = _WeightedGatherCPU.apply(rows.view(-1, head_dim), top_left.view(bags, -1),
+                                          weight.view(bags, -1, 4), layout)
+    else:
+        steps = torch.stack([torch.zeros_like(pitch), torch.ones_like(pitch), pitch, pitch + 1], -1)  # [L, 4]
+        index = top_left.unsqueeze(-1) + steps[:, None, :]  # corners (y0x0, y0x1, y1x0, y1x1)
+        output = F.embedding_bag(index.view(bags, -1), rows.view(-1, head_dim),
+                                 per_sample_weights=weight.view(bags, -1), mode="sum")
     return output.view(batch, queries, heads * head_dim).to(value.dtype)
 
 

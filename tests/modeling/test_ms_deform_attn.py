@@ -120,6 +120,53 @@ def test_gather_core_low_precision_inputs_are_sampled_in_fp32():
     torch.testing.assert_close(strided, out, atol=0, rtol=0)
 
 
+def _gather_case(dtype=torch.float64):
+    """Two (batch, head) maps of two padded levels (3x4 -> 6x7 rows, 2x2 -> 5x5) and 7 bags of 2 levels x 3
+    points whose top-left corners are random valid positions, with repeats (shared corners)."""
+    gen = torch.Generator().manual_seed(3)
+    layout = mda._GatherLayout(rows_per_map=67, level_start=(0, 42), level_rows=(42, 25),
+                               corner_steps=((0, 1, 7, 8), (0, 1, 5, 6)))
+    maps = torch.randint(0, 2, (7, 1, 1), generator=gen) * 67
+    level0 = torch.randint(0, 5, (7, 1, 3), generator=gen) * 7 + torch.randint(0, 6, (7, 1, 3), generator=gen)
+    level1 = 42 + torch.randint(0, 4, (7, 1, 3), generator=gen) * 5 + torch.randint(0, 4, (7, 1, 3), generator=gen)
+    top_left = (maps + torch.cat([level0, level1], 1)).view(7, 6)
+    top_left[3] = top_left[2]  # two bags sampling the very same corners
+    top_left[5, 1] = top_left[5, 0]  # two samples of one bag on the same corner
+    rows = torch.randn(134, 4, generator=gen, dtype=dtype)
+    weight = torch.rand(7, 6, 4, generator=gen, dtype=dtype)
+    return rows, top_left.to(torch.int32), weight, layout
+
+
+def test_weighted_gather_cpu_backward_gradcheck():
+    """The hand-written CPU backward (transposed embedding_bag + sampled_addmm) is the true gradient."""
+    rows, top_left, weight, layout = _gather_case()
+    fn = lambda r, w: mda._WeightedGatherCPU.apply(r, top_left, w, layout)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (rows.requires_grad_(), weight.requires_grad_()))
+
+
+def test_weighted_gather_cpu_matches_embedding_bag_autograd():
+    """float32: same output and gradients as autograd through F.embedding_bag over the corner index (the
+    CUDA path), and only the requested gradients are computed."""
+    rows, top_left, weight, layout = _gather_case(torch.float32)
+    grad_out = torch.randn(7, 4)
+    index = mda._corner_index(top_left, layout)
+    assert index.shape == (7, 24) and int(index.max()) < 134
+    leaves = [rows.clone().requires_grad_(), weight.clone().requires_grad_()]
+    expected = torch.nn.functional.embedding_bag(index, leaves[0], per_sample_weights=leaves[1].flatten(1), mode="sum")
+    expected.backward(grad_out)
+    mine = [rows.clone().requires_grad_(), weight.clone().requires_grad_()]
+    out = mda._WeightedGatherCPU.apply(mine[0], top_left, mine[1], layout)
+    out.backward(grad_out)
+    torch.testing.assert_close(out, expected.detach(), atol=0, rtol=0)
+    for got, want in zip(mine, leaves):
+        torch.testing.assert_close(got.grad, want.grad, atol=1e-6, rtol=1e-6)
+    frozen_rows = rows.clone()
+    only_weight = weight.clone().requires_grad_()
+    mda._WeightedGatherCPU.apply(frozen_rows, top_left, only_weight, layout).backward(grad_out)
+    torch.testing.assert_close(only_weight.grad, leaves[1].grad, atol=1e-6, rtol=1e-6)
+    assert frozen_rows.grad is None
+
+
 @pytest.mark.parametrize("impl", ["pytorch", "gather"])
 def test_layer_impls_agree(impl):
     torch.manual_seed(0)
