@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .runtime import setup_logging
+from .runtime import setup_logging, warn_if_slow_cpu_bf16
 from .perf import STAGES, PeakMemory, StageTimer, peak_tflops
 
 logger = logging.getLogger(__name__)
@@ -235,6 +235,7 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
+    warn_if_slow_cpu_bf16(dtype, device)
     t0 = time.perf_counter()
     model, tokenizer, config = build_model(args, device)
     model.to(device=device, dtype=dtype)

@@ -180,12 +180,31 @@ def resolve_device(requested: str | torch.device | None, local_rank: int | None 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """`auto`/None: bf16 on CUDA, fp32 elsewhere."""
     if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
+        resolved = dtype
+    elif dtype in (None, "auto"):
+        resolved = torch.bfloat16 if device.type == "cuda" else torch.float32
+    elif dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; choose auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    else:
+        resolved = DTYPES[dtype]
+    warn_if_slow_cpu_bf16(resolved, device)
+    return resolved
+
+
+def cpu_has_bf16_gemm() -> bool:
+    """Whether oneDNN runs bf16 matrix products natively on this CPU (AVX-512 / AMX). Without it PyTorch
+    falls back to its reference bf16 GEMM: several times slower than fp32 (measured on an AVX2-only EPYC:
+    tiny train step 1.49 s in bf16 vs 0.26 s in fp32)."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check()) if check is not None else True
+
+
+def warn_if_slow_cpu_bf16(dtype: torch.dtype, device: torch.device | str) -> None:
+    """One warning per process when bf16 is asked for on a CPU without native bf16 GEMM."""
+    if torch.device(device).type == "cpu" and dtype == torch.bfloat16 and not cpu_has_bf16_gemm():
+        warning_once("bf16 on this CPU: no native bf16 matrix products (no AVX-512 bf16 / AMX), PyTorch falls back "
+                     "to its reference GEMM, several times slower than fp32; use fp32 on this machine unless you are "
+                     "checking bf16 numerics")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -47,6 +47,21 @@ def test_device_and_dtype_resolution():
         runtime.resolve_dtype("int8", cpu)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_bf16_gemm_warns_once(monkeypatch, caplog, native):
+    """A CPU without native bf16 GEMM gets one warning per process for bf16 (never for fp32 or CUDA)."""
+    assert isinstance(runtime.cpu_has_bf16_gemm(), bool)  # the real probe answers on this machine
+    monkeypatch.setattr(runtime, "cpu_has_bf16_gemm", lambda: native)
+    runtime.warning_once.cache_clear()
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            runtime.resolve_dtype("bf16", torch.device("cpu"))
+        runtime.resolve_dtype("fp32", torch.device("cpu"))
+        runtime.warn_if_slow_cpu_bf16(torch.bfloat16, "cuda")
+    warnings = [r for r in caplog.records if "no native bf16 matrix products" in r.getMessage()]
+    assert len(warnings) == (0 if native else 1)
+
+
 def test_non_finite_logits_are_named(caplog):
     from segearthr1.errors import NonFiniteError
 
