@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .runtime import setup_logging, warn_if_slow_cpu_bf16
+from .runtime import resolve_dtype, setup_logging
 from .perf import STAGES, PeakMemory, StageTimer, peak_tflops
 
 logger = logging.getLogger(__name__)
@@ -234,8 +234,7 @@ def run(args) -> dict:
         raise SystemExit(f"benchmark: --device {args.device} but CUDA is not available on this machine; use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = DTYPES[args.dtype]
-    warn_if_slow_cpu_bf16(dtype, device)
+    dtype = resolve_dtype(args.dtype, device)  # warns once for bf16 on a CPU without bf16 GEMM
     t0 = time.perf_counter()
     model, tokenizer, config = build_model(args, device)
     model.to(device=device, dtype=dtype)

@@ -105,6 +105,13 @@ class _GatherLayout(NamedTuple):
     level_rows: tuple[int, ...]  # rows of each padded level
     corner_steps: tuple[tuple[int, int, int, int], ...]  # per level: row offset of the 4 corners from top-left
 
+    @classmethod
+    def for_shapes(cls, shapes: Sequence[tuple[int, int]]) -> _GatherLayout:
+        """Each (H, W) level padded to (H+3) x (W+3) rows, levels one after another in every map."""
+        level_rows = tuple((h + 3) * (w + 3) for h, w in shapes)
+        level_start = tuple(sum(level_rows[:i]) for i in range(len(level_rows)))
+        return cls(sum(level_rows), level_start, level_rows, tuple((0, 1, w + 3, w + 4) for _, w in shapes))
+
 
 class _WeightedGatherCPU(torch.autograd.Function):
     """``out[n] = sum_(j, c) weight[n, j, c] * rows[top_left[n, j] + corner_steps[level(j)][c]]`` with a
@@ -139,6 +146,7 @@ class _WeightedGatherCPU(torch.autograd.Function):
             grad_rows = _row_gradient(grad_output, rows.shape[0], top_left, weight, layout)
         if ctx.needs_input_grad[2]:
             bags, per_bag = top_left.shape[0], top_left.shape[1] * 4
+            # recomputed rather than saved: 4x the top-left indices, kept only while it is used
             index = _corner_index(top_left, layout).reshape(-1).long()
             crow = torch.arange(0, bags * per_bag + 1, per_bag, dtype=torch.long)
             with warnings.catch_warnings():  # "sparse CSR support is in beta": the op is exact and tested here
@@ -167,17 +175,13 @@ def _row_gradient(grad_output, num_rows: int, top_left, weight, layout: _GatherL
     starts = counts.cumsum(0) - counts
     bag_of_sample = order // per_bag
     weight_sorted = weight.reshape(-1, 4).index_select(0, order)
-    maps = num_rows // layout.rows_per_map
-    grad_rows = None
-    for c in range(4):
-        # per top-left row: the sum of weight(corner c) * grad over the samples with that top-left
-        at_top_left = F.embedding_bag(bag_of_sample, grad_output, starts,
-                                      per_sample_weights=weight_sorted[:, c].contiguous(), mode="sum")
-        if c == 0:  # corner offset 0 on every level
-            grad_rows = at_top_left
-            continue
-        src = at_top_left.view(maps, layout.rows_per_map, -1)
-        dst = grad_rows.view(maps, layout.rows_per_map, -1)
+    # per top-left row and corner c: the sum of weight(corner c) * grad over the samples with that top-left
+    at_top_left = [F.embedding_bag(bag_of_sample, grad_output, starts,
+                                   per_sample_weights=weight_sorted[:, c].contiguous(), mode="sum") for c in range(4)]
+    grad_rows = at_top_left[0]  # corner 0 is the top-left itself on every level
+    dst = grad_rows.view(num_rows // layout.rows_per_map, layout.rows_per_map, -1)
+    for c in (1, 2, 3):
+        src = at_top_left[c].view_as(dst)
         for start, size, steps in zip(layout.level_start, layout.level_rows, layout.corner_steps):
             step = steps[c]  # corners stay inside their padded level, so the last `step` rows carry nothing
             dst[:, start + step: start + size] += src[:, start: start + size - step]
@@ -215,7 +219,8 @@ def ms_deform_attn_core_gather(
         value_l = value_l.view(batch, height, width, heads, head_dim).permute(0, 3, 1, 2, 4)  # [B, M, H, W, D]
         padded.append(F.pad(value_l, (0, 0, 1, 2, 1, 2)).flatten(2, 3))
     rows = torch.cat(padded, 2)  # [B, M, S', D], S' = sum (H+3)(W+3)
-    rows_per_map = rows.shape[2]
+    layout = _GatherLayout.for_shapes(shapes)
+    rows_per_map = layout.rows_per_map  # = rows.shape[2]
     index_dtype = torch.int32 if rows.shape[0] * heads * rows_per_map < 2**31 else torch.int64
     sizes = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32, device=device)[:, None, :]  # [L, 1, 2]
     # grid_sample's own unnormalisation of grid = 2*loc - 1 (align_corners=False), to its rounding
@@ -225,24 +230,17 @@ def ms_deform_attn_core_gather(
     frac_x, frac_y = (pixel - corner).unbind(-1)
     corner = corner.to(index_dtype) + 1  # position in the padded map
     pitch = torch.tensor([w + 3 for _, w in shapes], dtype=index_dtype, device=device)  # [L]
-    level_start = [0]
-    for height, width in shapes[:-1]:
-        level_start.append(level_start[-1] + (height + 3) * (width + 3))
     start = (torch.arange(batch * heads, dtype=index_dtype, device=device) * rows_per_map).view(batch, 1, heads, 1, 1)
-    start = start + torch.tensor(level_start, dtype=index_dtype, device=device).view(levels, 1)
+    start = start + torch.tensor(layout.level_start, dtype=index_dtype, device=device).view(levels, 1)
     top_left = corner[..., 1] * pitch[:, None] + corner[..., 0] + start  # [B, Q, M, L, P]
     weight_y = attention_weights.float().unsqueeze(-1) * torch.stack([1 - frac_y, frac_y], -1)
     weight = (weight_y.unsqueeze(-1) * torch.stack([1 - frac_x, frac_x], -1).unsqueeze(-2)).flatten(-2)
     bags = batch * queries * heads
     if rows.device.type == "cpu":
-        layout = _GatherLayout(rows_per_map, tuple(level_start), tuple((h + 3) * (w + 3) for h, w in shapes),
-                               tuple((0, 1, w + 3, w + 4) for _, w in shapes))
         output = _WeightedGatherCPU.apply(rows.view(-1, head_dim), top_left.view(bags, -1),
                                           weight.view(bags, -1, 4), layout)
-    else:
-        steps = torch.stack([torch.zeros_like(pitch), torch.ones_like(pitch), pitch, pitch + 1], -1)  # [L, 4]
-        index = top_left.unsqueeze(-1) + steps[:, None, :]  # corners (y0x0, y0x1, y1x0, y1x1)
-        output = F.embedding_bag(index.view(bags, -1), rows.view(-1, head_dim),
+    else:  # embedding_bag's own backward is fine on CUDA
+        output = F.embedding_bag(_corner_index(top_left.view(bags, -1), layout), rows.view(-1, head_dim),
                                  per_sample_weights=weight.view(bags, -1), mode="sum")
     return output.view(batch, queries, heads * head_dim).to(value.dtype)
 

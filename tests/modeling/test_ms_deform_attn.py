@@ -124,8 +124,9 @@ def _gather_case(dtype=torch.float64):
     """Two (batch, head) maps of two padded levels (3x4 -> 6x7 rows, 2x2 -> 5x5) and 7 bags of 2 levels x 3
     points whose top-left corners are random valid positions, with repeats (shared corners)."""
     gen = torch.Generator().manual_seed(3)
-    layout = mda._GatherLayout(rows_per_map=67, level_start=(0, 42), level_rows=(42, 25),
-                               corner_steps=((0, 1, 7, 8), (0, 1, 5, 6)))
+    layout = mda._GatherLayout.for_shapes([(3, 4), (2, 2)])
+    assert layout == mda._GatherLayout(rows_per_map=67, level_start=(0, 42), level_rows=(42, 25),
+                                       corner_steps=((0, 1, 7, 8), (0, 1, 5, 6)))
     maps = torch.randint(0, 2, (7, 1, 1), generator=gen) * 67
     level0 = torch.randint(0, 5, (7, 1, 3), generator=gen) * 7 + torch.randint(0, 6, (7, 1, 3), generator=gen)
     level1 = 42 + torch.randint(0, 4, (7, 1, 3), generator=gen) * 5 + torch.randint(0, 4, (7, 1, 3), generator=gen)
