@@ -32,5 +32,7 @@ def test_training_arguments_get_the_recipe(monkeypatch):
     monkeypatch.chdir(ROOT)
     config, _ = resolve_run_config(ROOT / "configs" / "tiny.yaml", ["train.deepspeed=null"])
     args = build_training_arguments(config)
+    tiny_lr = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())["train"]["learning_rate"]
+    assert tiny_lr != DEFAULT_TRAIN_ARGS["learning_rate"]  # so the check below sees the YAML win
     assert (args.learning_rate, args.seed, args.remove_unused_columns, args.logging_nan_inf_filter) == \
-        (5e-4, DEFAULT_TRAIN_ARGS["seed"], False, False)
+        (tiny_lr, DEFAULT_TRAIN_ARGS["seed"], False, False)
