@@ -88,7 +88,7 @@ torch.set_num_threads(1)
 # 128 px: at the tiny config's 96 px glibc's adaptive mmap threshold already keeps this step's blocks in the heap
 args = types.SimpleNamespace(config="configs/tiny.yaml", overrides=[], image_size=128, compile=False, seed=0)
 model, tokenizer, _ = benchmark.build_model(args)
-batch = benchmark.build_batch(tokenizer, "EarthReason", 4, 128, True, 0)
+batch = benchmark.build_batch(tokenizer, "EarthReason", 4, model.config.image_size, True, 0)
 def step():
     model(**batch).loss.backward()
     model.zero_grad(set_to_none=True)
