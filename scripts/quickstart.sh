@@ -8,7 +8,7 @@
 #
 # Environment (all optional):
 #   QUICKSTART_DIR    where everything goes (default outputs/quickstart)
-#   NPROC             training processes (default 1: on 2 cores one process with 2 threads ran 25 % more
+#   NPROC             training processes (default 1: on 2 cores one process with 2 threads ran 25-33 % more
 #                     steps per second than 2 processes with 1 thread each, for the same global batch)
 #   QUICKSTART_BATCH  global batch (default 8, split evenly over the NPROC processes)
 #   QUICKSTART_TRAIN  generated training images (default 4000)
@@ -26,6 +26,7 @@ N_VAL=${QUICKSTART_VAL:-400}
 if [ $((BATCH % NPROC)) -ne 0 ]; then
   echo "[quickstart] QUICKSTART_BATCH=$BATCH is not divisible by NPROC=$NPROC" >&2; exit 2
 fi
+# the cores this process may use (not `nproc`: GNU nproc also obeys OMP_NUM_THREADS)
 CORES=$(python3 -c "import os; print(len(os.sched_getaffinity(0)))")
 # the cores are shared out between the training processes (at least one thread each)
 THREADS=$(( CORES / NPROC > 0 ? CORES / NPROC : 1 ))
