@@ -185,7 +185,11 @@ def encode_payload(tokenizer, text: str) -> torch.Tensor:
 
 
 class TextEncoder:
-    """Encodes the text side of samples of one dataset; the prompt is tokenised once and reused."""
+    """Encodes the text side of samples of one dataset; the prompt is tokenised once and reused, and so is
+    each question/answer text (a training run sees the same few thousand texts every epoch; at most
+    PAYLOAD_CACHE_SIZE are kept)."""
+
+    PAYLOAD_CACHE_SIZE = 200_000
 
     def __init__(self, tokenizer, template: PromptTemplate):
         self.tokenizer = tokenizer
@@ -195,6 +199,7 @@ class TextEncoder:
         self._refer_indices = (self._input_ids == REFER_TOKEN_INDEX).long()
         self._answer_indices = (self._input_ids == ANSWER_TOKEN_INDEX).long()
         self._seg_id = seg_token_id(tokenizer)
+        self._payload_ids: dict[str, tuple[int, ...]] = {}
 
     def __call__(self, instruction: str, answer: str | None = None) -> dict:
         """`answer` is used only by prompts with an `<answer>` slot; None/"" -> NO_TARGET_ANSWER."""
@@ -213,8 +218,12 @@ class TextEncoder:
         return out
 
     def _payload(self, text: str) -> torch.Tensor:
-        ids = self.tokenizer.encode(text, add_special_tokens=False) if text else []
-        return torch.tensor(ids + [self._seg_id], dtype=torch.long)
+        ids = self._payload_ids.get(text)
+        if ids is None:
+            ids = (*(self.tokenizer.encode(text, add_special_tokens=False) if text else ()), self._seg_id)
+            if len(self._payload_ids) < self.PAYLOAD_CACHE_SIZE:
+                self._payload_ids[text] = ids
+        return torch.tensor(ids, dtype=torch.long)
 
 
 def encode_query(tokenizer, query: str, task: str = "reasoning", template: PromptTemplate | None = None) -> dict:

@@ -62,6 +62,11 @@ class ReasoningSegDataset(Dataset):
     `self.problems` and the affected samples left out, instead of raising (`segearthr1 check-data`).
     `question_sampling` (alias `sentence_sampling`): which of a sample's texts is used, one of
     `spec.sampling_modes`; `foreground`: one of `spec.foreground_rules` (default: the first).
+    `cache_gb`: keep up to this many GB of decoded, letterboxed images and masks in memory (0: off), so
+    later epochs skip the file reads, decodes and resizes. Training applies no random augmentation, so
+    a cached sample is exactly what decoding again would give; texts are still chosen per epoch. The
+    cache lives in the process that reads: with DataLoader workers each worker fills its own, and
+    non-persistent workers start empty every epoch.
 
     A dataset file declares `spec = DatasetSpec(...)`; `name`, `dataset_type` and `expected_tree`
     are read from it.
@@ -84,7 +89,7 @@ class ReasoningSegDataset(Dataset):
     def __init__(self, data_root, split: str, tokenizer, image_size: int = 1024, train: bool = True,
                  seed: int = 0, max_text_tokens: int | None = None, collect_problems: bool = False,
                  question_sampling: str = "first", foreground: str | None = None,
-                 sentence_sampling: str | None = None):
+                 sentence_sampling: str | None = None, cache_gb: float = 0.0):
         spec = self.spec
         spec.check_option("split", split, spec.splits)
         option = "question_sampling"
@@ -105,6 +110,11 @@ class ReasoningSegDataset(Dataset):
         self.max_text_tokens = max_text_tokens
         self.collect_problems = collect_problems
         self.problems: list[str] = []
+        if isinstance(cache_gb, bool) or not isinstance(cache_gb, (int, float)) or not cache_gb >= 0:
+            raise ValueError(f"cache_gb={cache_gb!r} must be a number >= 0 (GB of decoded samples kept in memory; 0: off)")
+        self._cache_budget = int(cache_gb * 2**30)
+        self._cache: dict[int, tuple] = {}
+        self._cache_bytes = 0
         if not self.data_root.is_dir():
             self._raise_missing(self.data_root, "data root")
         self._verify()
@@ -116,6 +126,9 @@ class ReasoningSegDataset(Dataset):
         if not collect_problems:
             self[0]  # cheap start-up check: the first sample opens and its image/mask sizes agree
         logger.info("%s/%s: %d samples from %s", self.name, split, len(self), self.root)
+        if self._cache_budget:
+            logger.info("%s/%s: keeping up to %.2f GB of decoded %d² samples in memory (data.cache_gb)", self.name,
+                        split, cache_gb, image_size)
 
     # --- hooks implemented by each dataset file ----------------------------------------------------------
     @property
@@ -170,6 +183,20 @@ class ReasoningSegDataset(Dataset):
             raise IndexError(f"{self.name}/{self.split} index {idx} out of range for {n} samples")
         idx = int(idx) % n
         source = self._source(idx)
+        use_cache = self._cache_budget > 0 and not self.include_eval_extras
+        pixels = self._cache.get(idx) if use_cache else None
+        if pixels is None:
+            image, mask = self._decode(source, idx)
+            pixels = self._letterboxed(image, mask)
+            if use_cache:
+                self._remember(idx, pixels)
+            if self.include_eval_extras:
+                return self._build_sample(pixels, source, extras={
+                    "orig_masks": torch.from_numpy(np.ascontiguousarray(mask)), "answer": source.answer})
+        return self._build_sample(pixels, source)
+
+    def _decode(self, source: SampleSource, idx: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image, mask) as read from disk; the image may be a reduced decode (fast_decode), the mask is full size."""
         try:
             if self.fast_decode:
                 image, image_hw = read_image_for_letterbox(source.image_path, self.image_size)
@@ -185,12 +212,28 @@ class ReasoningSegDataset(Dataset):
             raise DatasetCorruptedError(
                 what=f"mask is {mask.shape[0]}x{mask.shape[1]} but image {source.image_path} is "
                      f"{image_hw[0]}x{image_hw[1]}", where=self._where(source), expected="the same size")
-        return self._build_sample(image, mask, source)
+        return image, mask
 
-    def _build_sample(self, image: np.ndarray, mask: np.ndarray, source: SampleSource) -> dict:
+    def _letterboxed(self, image: np.ndarray, mask: np.ndarray) -> tuple:
+        """(uint8 [3,S,S] image, uint8 [1,S,S] mask, geometry, original (H, W)): what the cache keeps."""
         image_chw, geometry = letterbox_image(image, self.image_size, orig_hw=mask.shape)
         mask_t, _ = letterbox_mask(mask, self.image_size)
-        sample: dict = {"images": normalize_image(image_chw), "masks": mask_t}
+        return image_chw, mask_t, geometry, (int(mask.shape[0]), int(mask.shape[1]))
+
+    def _remember(self, idx: int, pixels: tuple) -> None:
+        size = pixels[0].nbytes + pixels[1].nbytes
+        if self._cache_bytes + size > self._cache_budget:
+            warning_once(f"{self.name}/{self.split}: the sample cache is full ({len(self._cache)} samples, "
+                         f"{self._cache_bytes / 2**30:.2f} GB = data.cache_gb); the other samples are decoded "
+                         f"every epoch")
+            return
+        self._cache[idx] = pixels
+        self._cache_bytes += size
+
+    def _build_sample(self, pixels: tuple, source: SampleSource, extras: dict | None = None) -> dict:
+        image_chw, mask_t, geometry, orig_size = pixels
+        # a cached mask is handed out as a copy: nothing downstream can change the cache in place
+        sample: dict = {"images": normalize_image(image_chw), "masks": mask_t.clone() if self._cache_budget else mask_t}
         if self._text is not None:
             sample.update(self._truncated(self._text(source.instruction, source.answer), source))
         else:
@@ -198,12 +241,11 @@ class ReasoningSegDataset(Dataset):
         sample.update(
             image_name=source.image_name,
             image_path=str(source.image_path),
-            orig_size=(int(mask.shape[0]), int(mask.shape[1])),
+            orig_size=orig_size,
             letterbox=geometry.to_dict(),
             question=source.instruction,
         )
-        if self.include_eval_extras:
-            sample.update(orig_masks=torch.from_numpy(np.ascontiguousarray(mask)), answer=source.answer)
+        sample.update(extras or {})
         return sample
 
     def _truncated(self, text: dict, source: SampleSource) -> dict:

@@ -53,6 +53,9 @@ class DataArgs:
     question_sampling: str = "first"  # which of a sample's texts (data/spec.py): first | random | all
     foreground: str = "255"  # mask foreground of datasets with a choice (RefSegRS): "255" (reference) | "nonzero"
     max_length: int | None = 2048  # model_max_length: longer prompts are truncated by the collator
+    # GB of decoded, letterboxed training samples kept in memory so later epochs skip the decode (0: off, as the
+    # reference). Same samples either way; per data-loader worker (data/base.py)
+    cache_gb: float = 0.0
 
     def __post_init__(self):
         self.dataset = canonical_dataset(self.dataset)
@@ -61,6 +64,8 @@ class DataArgs:
         if str(self.foreground) not in foreground_choices():
             raise ValueError(f"data.foreground={self.foreground!r}; choose one of {list(foreground_choices())}")
         self.foreground = str(self.foreground)
+        if isinstance(self.cache_gb, bool) or not isinstance(self.cache_gb, (int, float)) or not self.cache_gb >= 0:
+            raise ValueError(f"data.cache_gb={self.cache_gb!r}; expected a number of GB >= 0 (0: no cache)")
 
 
 @dataclass

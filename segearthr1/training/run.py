@@ -145,7 +145,7 @@ def dataset_kwargs(config: dict, model, seed: int) -> dict:
     data = data_args(config)
     return {"image_size": model.config.image_size, "train": True, "seed": seed,
             **get_spec(data.dataset).dataset_options(data.question_sampling, data.foreground),
-            "max_text_tokens": text_token_budget(model, data.max_length)}
+            "max_text_tokens": text_token_budget(model, data.max_length), "cache_gb": data.cache_gb}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 
 import cv2
@@ -236,3 +237,45 @@ def test_registry_and_tokenizer_free_mode(root, tok, monkeypatch):
     bare = build_dataset("EarthReason", root, "test", None, image_size=32)
     s = bare[0]
     assert "input_ids" not in s and s["dataset_type"] == "reason_seg" and s["images"].shape == (3, 32, 32)
+
+
+# --- the decoded-sample cache (data.cache_gb) ------------------------------------------------------------------
+def _epoch(ds, epoch):
+    ds.set_epoch(epoch)
+    return [ds[i] for i in range(len(ds))]
+
+
+def test_sample_cache_gives_the_same_samples_and_skips_decoding(root, tok, monkeypatch):
+    plain = EarthReasonDataset(root, "train", tok, image_size=32, question_sampling="random")
+    cached = EarthReasonDataset(root, "train", tok, image_size=32, question_sampling="random", cache_gb=0.01)
+    decodes = []
+    real_decode = cached._decode
+    monkeypatch.setattr(cached, "_decode", lambda source, idx: decodes.append(idx) or real_decode(source, idx))
+    for epoch in range(3):
+        for a, b in zip(_epoch(plain, epoch), _epoch(cached, epoch)):
+            assert a.keys() == b.keys()
+            for key in a:
+                assert (torch.equal(a[key], b[key]) if torch.is_tensor(a[key]) else a[key] == b[key]), key
+        if epoch == 0:  # sample 0 was read (and kept) by the constructor's start-up check
+            assert sorted(decodes) == list(range(1, len(cached)))
+    assert len(decodes) == len(cached) - 1  # epochs 1 and 2 came from memory; texts were still drawn per epoch
+    # a sample handed out cannot change the cache
+    cached[0]["masks"].fill_(7)
+    assert torch.equal(cached[0]["masks"], plain[0]["masks"])
+
+
+def test_sample_cache_budget_and_validation(root, tok, caplog):
+    one_sample = (3 * 32 * 32 + 32 * 32) / 2**30  # uint8 image + mask at 32²
+    small = EarthReasonDataset(root, "train", tok, image_size=32, cache_gb=1.5 * one_sample)
+    with caplog.at_level(logging.WARNING):
+        for i in range(len(small)):
+            small[i]
+    assert len(small._cache) == 1 and small._cache_bytes <= small._cache_budget
+    assert any("sample cache is full (1 samples" in r.getMessage() for r in caplog.records)
+    evaluation = EarthReasonDataset(root, "val", tok, image_size=32, train=False, cache_gb=1)
+    evaluation.include_eval_extras = True  # eval samples carry their full-size masks: read from disk every time
+    kept = dict(evaluation._cache)  # (the constructor's start-up read of sample 0)
+    assert all("orig_masks" in evaluation[i] for i in range(len(evaluation))) and evaluation._cache == kept
+    for bad in (-1, "1", True, float("nan")):
+        with pytest.raises(ValueError, match="cache_gb"):
+            EarthReasonDataset(root, "train", tok, image_size=32, cache_gb=bad)

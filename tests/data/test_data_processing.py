@@ -174,3 +174,25 @@ def test_encode_query_uses_eval_prompts():
 def test_unknown_dataset_is_rejected():
     with pytest.raises(ValueError, match="unknown dataset"):
         build_conversation("COCO", True)
+
+
+def test_text_encoder_reuses_token_ids_and_matches_uncached():
+    """TextEncoder keeps each question's ids: the same tensors as a fresh encoding, tokenised once, and a
+    tensor handed out can be changed without touching the next one."""
+    from segearthr1.processing import TextEncoder, encode_payload
+
+    tok = _load("tokenizer_tiny_trained", True)
+    enc = TextEncoder(tok, prompt_template("EarthReason", train=True))
+    question, answer = (encode_payload(tok, t) for t in (" Which red triangle is the landmark?", "The red triangle."))
+    calls = []
+    encode = tok.encode
+    tok.encode = lambda *a, **k: calls.append(a[0]) or encode(*a, **k)
+    first = enc("Which red triangle is the landmark?", "The red triangle.")
+    first["token_refer_id"][0] = -5
+    again = enc("Which red triangle is the landmark?", "The red triangle.")
+    assert calls == [" Which red triangle is the landmark?", "The red triangle."]
+    assert torch.equal(again["token_refer_id"], question) and torch.equal(again["token_answer_id"], answer)
+    enc.PAYLOAD_CACHE_SIZE = 2  # full: new texts are encoded every time and not kept
+    enc("Where is the blue circle?")
+    enc("Where is the blue circle?")
+    assert calls[2:] == [" Where is the blue circle?", NO_TARGET_ANSWER] * 2
