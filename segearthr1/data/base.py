@@ -50,6 +50,12 @@ def list_preview(items, limit: int = 20) -> str:
     return ", ".join(str(i) for i in items[:limit]) + more
 
 
+def check_cache_gb(value, name: str) -> None:
+    """The sample-cache size must be a plain number >= 0 (NaN, bools and strings are refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{name}={value!r}; expected a number of GB >= 0 (decoded samples kept in memory; 0: off)")
+
+
 class ReasoningSegDataset(Dataset):
     """Base class: one (image, instruction, mask) triple per index, letterboxed and tokenised.
 
@@ -110,8 +116,7 @@ class ReasoningSegDataset(Dataset):
         self.max_text_tokens = max_text_tokens
         self.collect_problems = collect_problems
         self.problems: list[str] = []
-        if isinstance(cache_gb, bool) or not isinstance(cache_gb, (int, float)) or not cache_gb >= 0:
-            raise ValueError(f"cache_gb={cache_gb!r} must be a number >= 0 (GB of decoded samples kept in memory; 0: off)")
+        check_cache_gb(cache_gb, "cache_gb")
         self._cache_budget = int(cache_gb * 2**30)
         self._cache: dict[int, tuple] = {}
         self._cache_bytes = 0

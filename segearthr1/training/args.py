@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..config_io import (apply_overrides, check_known_keys, deep_merge, expand_env, load_yaml_config, parse_value,
                          set_dotted)
+from ..data.base import check_cache_gb
 from ..data.registry import canonical_dataset, foreground_choices
 from ..data.spec import SAMPLING_MODES
 from .typecheck import check_section, dataclass_hints
@@ -64,8 +65,7 @@ class DataArgs:
         if str(self.foreground) not in foreground_choices():
             raise ValueError(f"data.foreground={self.foreground!r}; choose one of {list(foreground_choices())}")
         self.foreground = str(self.foreground)
-        if isinstance(self.cache_gb, bool) or not isinstance(self.cache_gb, (int, float)) or not self.cache_gb >= 0:
-            raise ValueError(f"data.cache_gb={self.cache_gb!r}; expected a number of GB >= 0 (0: no cache)")
+        check_cache_gb(self.cache_gb, "data.cache_gb")
 
 
 @dataclass
