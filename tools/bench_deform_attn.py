@@ -14,10 +14,13 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from segearthr1.modeling import ms_deform_attn as mda
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from segearthr1.modeling import ms_deform_attn as mda  # noqa: E402
 
 
 def _cores(device: torch.device) -> dict:

@@ -29,7 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-train", type=int, default=200, help="images in the train split")
     p.add_argument("--n-val", type=int, default=50, help="images in the val split")
     p.add_argument("--n-test", type=int, default=None, help="images in the test split (default: --n-val)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="every sample is drawn from (seed, split, index): same seed, same files")
     p.add_argument("--min-size", type=int, default=64, help="smallest image side in pixels")
     p.add_argument("--max-size", type=int, default=128, help="largest image side (e.g. 1500 for > 1024 px)")
     p.add_argument("--absent-fraction", type=float, default=0.15,

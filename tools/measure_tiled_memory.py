@@ -71,15 +71,17 @@ def measure(ckpt: Path, scene: Path, out: Path, extra: list[str]) -> dict:
     return {"peak_rss_mib": int(line.split()[1]) / 1024, "wall_s": time.perf_counter() - start}
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[4000, 12000, 24000])
-    p.add_argument("--work", type=Path, default=Path("/tmp/segearthr1-tiled-memory"))
-    p.add_argument("--tile_size", type=int, default=1024)
-    p.add_argument("--overlap", type=int, default=128)
+    p.add_argument("--sizes", type=int, nargs="+", default=[4000, 12000, 24000],
+                   help="square scene sides in pixels, each run with --tile")
+    p.add_argument("--work", type=Path, default=Path("/tmp/segearthr1-tiled-memory"),
+                   help="scratch folder for the generated GeoTIFFs, the tiny checkpoint and the outputs")
+    p.add_argument("--tile_size", type=int, default=1024, help="predict's --tile_size")
+    p.add_argument("--overlap", type=int, default=128, help="predict's --overlap")
     p.add_argument("--whole", type=int, nargs="*", default=[4000],
                    help="sizes also run without --tile (whole scene letterboxed), for comparison")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     ckpt = build_checkpoint(args.work / "tiny-ckpt")
     rows = []

@@ -47,9 +47,9 @@ def _dataset_name(text: str) -> str:
         return text
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m segearthr1.evaluate",
+        prog=prog or "python -m segearthr1.evaluate",
         description="Evaluate a SegEarth-R1 checkpoint on a dataset split (gIoU, cIoU, P@0.5-0.9 on the "
                     "letterboxed masks). Writes metrics.json, per_sample.csv and predictions/ to --output_dir. "
                     "Run under `torchrun --nproc_per_node N` to shard the split over N processes.")
@@ -135,9 +135,9 @@ def run_config_defaults(path) -> dict:
             "foreground": data.foreground, "batch_size": evaluation.batch_size, "num_vis": evaluation.num_vis}
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> argparse.Namespace:
     """Parsed flags; those left out come from `--config` (when given), else the defaults above."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     defaults = {"dataset_type": DEFAULT_DATASET, "data_path": None, "data_split": DEFAULT_SPLIT,
                 "question_sampling": DATA.question_sampling, "foreground": None, "batch_size": EVAL.batch_size,
                 "num_vis": EVAL.num_vis}

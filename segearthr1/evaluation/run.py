@@ -211,10 +211,10 @@ def run(args: argparse.Namespace) -> EvalResult:
         runtime.cleanup(ctx)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     from ..runtime import setup_logging
 
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
     setup_logging(getattr(logging, args.log_level))
     try:
         run(args)

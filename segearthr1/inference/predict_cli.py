@@ -77,8 +77,10 @@ def build_parser(prog: str = "segearthr1 predict") -> argparse.ArgumentParser:
                               "query is applied to every --image/--image_dir image")
     p.add_argument("--task", choices=TASKS, default=None,
                    help="prompt template; default: from the checkpoint's resolved_config.yaml, else reasoning")
-    p.add_argument("--output_dir", required=True, type=Path)
-    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--output_dir", required=True, type=Path,
+                   help="where the masks, overlays, records and predictions.jsonl go (created if missing)")
+    p.add_argument("--batch_size", type=int, default=1,
+                   help="(image, query) pairs per forward pass (not with --tile: see --tile_batch)")
     p.add_argument("--bands", type=int, nargs="+", default=None,
                    help="1-based bands of multi-band rasters as R G B (or one band), e.g. --bands 4 3 2")
     p.add_argument("--simplify", type=float, default=None,

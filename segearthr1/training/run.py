@@ -9,15 +9,17 @@ Options (besides the YAML):
     --resume             continue from the newest complete checkpoint-N in output_dir (same as
                          --set train.resume=true); a damaged newest checkpoint is skipped with a
                          warning; a run with no checkpoint starts from scratch
+    --print_config       print the resolved config and exit
+
 Run without a launcher (`python -m segearthr1.train ...`) it trains as one process; a NaN/Inf loss
 stops the run (exit 1) naming the step and the last good checkpoint (`train.nonfinite`).
-    --print_config       print the resolved config and exit
 Every reference `scripts/train.sh` flag that still makes sense is accepted unchanged
 (`--data_path --model_name_or_path --vision_tower --mask_config --dataset_type --output_dir
 --mm_projector_type --train_backbone --lora_enable --lora_r --lora_alpha --model_max_length` and
 every HF TrainingArguments flag such as `--bf16 True --deepspeed scripts/zero2.json`); flags of
 reference features that do not exist here (e.g. `--version`, `--lazy_preprocess`) are accepted and
-reported as ignored.
+reported as ignored; `--question_sampling`/`--sentence_sampling`, `--tokenizer_path` and `--lora_dropout` map
+to `data.question_sampling`, `init.tokenizer_path` and `model.lora.dropout`.
 """
 from __future__ import annotations
 
@@ -46,8 +48,9 @@ logger = logging.getLogger("segearthr1.train")
 RUN_ERRORS = (NonFiniteError, CheckpointSaveError, CheckpointCorruptedError)
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[tuple[str, str]]]:
-    parser = argparse.ArgumentParser(prog="python -m segearthr1.train", description=__doc__,
+def parse_args(argv: list[str] | None = None,
+               prog: str | None = None) -> tuple[argparse.Namespace, list[tuple[str, str]]]:
+    parser = argparse.ArgumentParser(prog=prog or "python -m segearthr1.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="run config YAML (configs/*.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -148,9 +151,9 @@ def dataset_kwargs(config: dict, model, seed: int) -> dict:
             "max_text_tokens": text_token_budget(model, data.max_length), "cache_gb": data.cache_gb}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     setup_logging()
-    args, pairs = parse_args(argv)
+    args, pairs = parse_args(argv, prog)
     overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
     try:
         config, ignored = resolve_run_config(args.config, overrides, pairs)
