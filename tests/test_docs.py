@@ -74,3 +74,14 @@ def test_subcommand_help_names_the_subcommand(entry, capsys):
     with pytest.raises(SystemExit):
         main([entry.split()[1], "--help"])
     assert capsys.readouterr().out.startswith(f"usage: {entry}")
+
+
+SHELL_SCRIPTS = sorted([*(REPO / "scripts").glob("*.sh"), *(REPO / "tools").glob("*.sh")])
+ENV_DEFAULT = re.compile(r"\$\{([A-Z][A-Z0-9_]*):-")  # ${VAR:-default}: a variable the user may set
+
+
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_environment_variable_of_the_shell_scripts_is_in_the_readme(script):
+    names = set(ENV_DEFAULT.findall(script.read_text(encoding="utf-8")))
+    missing = sorted(n for n in names if f"`{n}`" not in README)
+    assert not missing, f"{script.relative_to(REPO)} reads {missing}; README.md does not mention them"
