@@ -54,7 +54,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "costs 2x the trainable parameters in memory)")
     p.add_argument("--gradient_checkpointing", choices=("config", "on", "off"), default="config",
                    help="train mode: LLM gradient checkpointing as the config's train section says, or forced")
-    p.add_argument("--compile", action="store_true", help="torch.compile the encoder, connector and decoders (model.compile)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the encoder, connector and decoders (model.compile)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--peak_tflops", type=float, default=None,
                    help="dense peak of the device for --dtype, for MFU (default: known GPUs by name; none on CPU)")

@@ -1,7 +1,8 @@
-"""README.md documents every command-line flag.
+"""README.md documents every command-line flag and every environment variable the shell scripts read.
 
-Each entry point's real `--help` output is parsed for its flags, so a flag added to a parser without a word
-in the README fails here (the README is the one place a newcomer reads; `--help` alone is not enough).
+Each entry point's real `--help` output is parsed for its flags, and each script for its `${VAR:-default}`s, so
+a flag or variable added without a word in the README fails here (the README is the one place a newcomer reads;
+`--help` alone is not enough).
 """
 from __future__ import annotations
 
