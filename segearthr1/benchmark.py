@@ -11,6 +11,7 @@ TFLOP/s and MFU against the device's dense peak, peak memory and parameter count
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import platform
@@ -23,6 +24,7 @@ import torch
 
 from .runtime import resolve_dtype, setup_logging, tune_cpu_allocator
 from .perf import STAGES, PeakMemory, StageTimer, peak_tflops
+from .perf.cpu_low_precision import cpu_products_in_fp32, needs_fp32_products
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +237,7 @@ def run(args) -> dict:
         raise SystemExit(f"benchmark: --device {args.device} but CUDA is not available on this machine; use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = resolve_dtype(args.dtype, device)  # warns once for bf16 on a CPU without bf16 GEMM
+    dtype = resolve_dtype(args.dtype, device)  # warns once where bf16 would run on reference CPU kernels
     malloc = tune_cpu_allocator() if device.type == "cpu" else None  # as CPU training does
     t0 = time.perf_counter()
     model, tokenizer, config = build_model(args, device)
@@ -267,9 +269,12 @@ def run(args) -> dict:
                 args.config, build_s, f"{_param_counts(model)['total']:,}", model.config.image_size, args.batch_size,
                 batch["input_ids"].shape[1], args.dtype, device)
     memory.reset()
-    totals, splits = measure(step, device, args.steps, args.warmup)
-    mem = memory.read()
-    flops = None if args.no_flops else count_flops(step, device)
+    # bf16/fp16 on a CPU without native kernels: matrix products in fp32, as training and inference run them
+    lowp = contextlib.nullcontext() if model.config.compile else cpu_products_in_fp32(dtype, device)
+    with lowp:
+        totals, splits = measure(step, device, args.steps, args.warmup)
+        mem = memory.read()
+        flops = None if args.no_flops else count_flops(step, device)
     median = statistics.median(totals)
     split, split_step = _split_of_median_step(totals, splits)
     result = {
@@ -282,7 +287,7 @@ def run(args) -> dict:
         "step_s": {"median": median, "min": min(totals), "all": totals},
         "samples_per_s": args.batch_size / median,
         "stages_s": split, "stages_step_s": split_step, "memory": mem, "parameters": _param_counts(model),
-        "cpu_malloc": malloc,
+        "cpu_malloc": malloc, "cpu_products_in_fp32": not model.config.compile and needs_fp32_products(dtype, device),
     }
     if flops is not None:
         total = flops.pop("_total")["all"]
@@ -324,6 +329,9 @@ def format_table(result: dict) -> str:
                  f"{result['threads']} threads), batch {result['batch_size']}, {result['image_size']}², "
                  f"{result['sequence_length']} tokens, gradient checkpointing {result['gradient_checkpointing']}, "
                  f"compile {result['compile']}")
+    if result.get("cpu_products_in_fp32"):
+        lines.append("matrix products, convolutions and attention in fp32, rounded back (no native low-precision "
+                     "kernels on this CPU, or SEGEARTHR1_CPU_LOWP_PRODUCTS=fp32)")
     return "\n".join(lines)
 
 

@@ -191,20 +191,18 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return resolved
 
 
-def cpu_has_bf16_gemm() -> bool:
-    """Whether oneDNN runs bf16 matrix products natively on this CPU (AVX-512 / AMX). Without it PyTorch
-    falls back to its reference bf16 GEMM: several times slower than fp32 (measured on an AVX2-only EPYC:
-    tiny train step 1.49 s in bf16 vs 0.26 s in fp32)."""
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return bool(check()) if check is not None else True
-
-
 def warn_if_slow_cpu_bf16(dtype: torch.dtype, device: torch.device | str) -> None:
-    """One warning per process when bf16 is asked for on a CPU without native bf16 GEMM."""
-    if torch.device(device).type == "cpu" and dtype == torch.bfloat16 and not cpu_has_bf16_gemm():
-        warning_once("bf16 on this CPU: no native bf16 matrix products (no AVX-512 bf16 / AMX), PyTorch falls back "
-                     "to its reference GEMM, several times slower than fp32; use fp32 on this machine unless you are "
-                     "checking bf16 numerics")
+    """One warning per process when bf16/fp16 will run on PyTorch's reference CPU kernels: a CPU without
+    native ones and SEGEARTHR1_CPU_LOWP_PRODUCTS=native (by default their matrix products run in fp32
+    instead, see perf/cpu_low_precision.py, which logs that once)."""
+    from .perf import cpu_low_precision as lowp
+
+    if (torch.device(device).type == "cpu" and dtype in lowp.LOW_PRECISION and lowp.setting() == "native"
+            and not lowp.has_native_kernels(dtype)):
+        name = str(dtype).replace("torch.", "")
+        warning_once(f"{name} on this CPU with {lowp.ENV_VAR}=native: no native {name} matrix products (no AVX-512 "
+                     f"bf16/FP16 or AMX), PyTorch's reference kernels are several times slower than fp32; unset "
+                     f"{lowp.ENV_VAR} to run them in fp32")
 
 
 # glibc mallopt parameters (malloc.h) and the values set for CPU training

@@ -40,6 +40,24 @@ def test_benchmark_tiny_config_json(tmp_path, mode, capsys):
     assert "vision_encoder" in table and "FLOPs/sample" in table
 
 
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
+def test_benchmark_bf16_on_reference_cpu_kernels(tmp_path, capsys, monkeypatch):
+    """bf16 where PyTorch would use its reference CPU kernels (oneDNN off: the AVX2-only path): the step runs
+    its products in fp32 (said in the JSON and the table) and counts the same FLOPs as fp32."""
+    monkeypatch.delenv("SEGEARTHR1_CPU_LOWP_PRODUCTS", raising=False)
+    results = {}
+    for dtype in ("bf16", "fp32"):
+        out = tmp_path / f"{dtype}.json"
+        with torch.backends.mkldnn.flags(enabled=False):
+            assert benchmark_main(["--config", str(REPO / "configs" / "tiny.yaml"), "--mode", "train", "--steps", "1",
+                                   "--warmup", "0", "--batch_size", "2", "--threads", "1", "--dtype", dtype,
+                                   "--output", str(out)]) == 0
+        results[dtype] = json.loads(out.read_text())
+    assert results["bf16"]["cpu_products_in_fp32"] is True and results["fp32"]["cpu_products_in_fp32"] is False
+    assert "matrix products, convolutions and attention in fp32" in capsys.readouterr().out
+    assert results["bf16"]["flops_per_step"] == results["fp32"]["flops_per_step"]
+
+
 def test_stage_flops_add_up_to_an_independent_count():
     """Per-stage FLOPs of a train step sum to what a plain FlopCounterMode counts for the same step."""
     model = tiny_model(image_size=64)

@@ -52,18 +52,25 @@ def test_device_and_dtype_resolution():
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_bf16_on_a_cpu_without_bf16_gemm_warns_once(monkeypatch, caplog, native):
-    """A CPU without native bf16 GEMM gets one warning per process for bf16 (never for fp32 or CUDA)."""
-    assert isinstance(runtime.cpu_has_bf16_gemm(), bool)  # the real probe answers on this machine
-    monkeypatch.setattr(runtime, "cpu_has_bf16_gemm", lambda: native)
+@pytest.mark.parametrize("setting", ["auto", "native"])
+def test_reference_cpu_kernels_for_low_precision_warn_once(monkeypatch, caplog, native, setting):
+    """bf16/fp16 that would run on PyTorch's reference CPU kernels (no native ones, and the fp32 products
+    switched off) get one warning per process and dtype; never fp32 or CUDA, never with the default."""
+    from segearthr1.perf import cpu_low_precision as lowp
+
+    assert isinstance(lowp.has_native_kernels(torch.bfloat16), bool)  # the real probe answers on this machine
+    monkeypatch.setattr(lowp, "has_native_kernels", lambda dtype: native)
+    monkeypatch.setenv(lowp.ENV_VAR, setting)
     runtime.warning_once.cache_clear()
     with caplog.at_level(logging.WARNING):
         for _ in range(2):
             runtime.resolve_dtype("bf16", torch.device("cpu"))
+        runtime.resolve_dtype("fp16", torch.device("cpu"))
         runtime.resolve_dtype("fp32", torch.device("cpu"))
         runtime.warn_if_slow_cpu_bf16(torch.bfloat16, "cuda")
-    warnings = [r for r in caplog.records if "no native bf16 matrix products" in r.getMessage()]
-    assert len(warnings) == (0 if native else 1)
+    warnings = [r.getMessage() for r in caplog.records if "reference kernels are several times slower" in r.getMessage()]
+    assert len(warnings) == (2 if setting == "native" and not native else 0), warnings
+    assert all(lowp.ENV_VAR in w for w in warnings)
 
 
 def test_non_finite_logits_are_named(caplog):

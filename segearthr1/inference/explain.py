@@ -19,6 +19,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from ..modeling.input_merge import merge_multimodal_inputs
+from ..perf.cpu_low_precision import cpu_products_in_fp32_for
 from ..processing import ANSWER_TOKEN_INDEX, DEFAULT_SEPARATOR, SEG_TOKEN
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,11 @@ def generate_answers(model, tokenizer, prefix_ids: Sequence[torch.Tensor], visua
     refer payloads (as given to `predict`)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    with cpu_products_in_fp32_for(model):  # bf16/fp16 on a CPU without native kernels (perf/cpu_low_precision.py)
+        return _greedy_answers(model, tokenizer, prefix_ids, visual_tokens, token_refer_id, max_new_tokens)
+
+
+def _greedy_answers(model, tokenizer, prefix_ids, visual_tokens, token_refer_id, max_new_tokens):
     device = visual_tokens.device
     embed = model.get_input_embeddings()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

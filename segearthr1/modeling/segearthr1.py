@@ -23,6 +23,7 @@ from transformers.utils import ModelOutput
 
 from ..configuration import SegEarthR1Config
 from ..losses import MaskCriterion, reduce_num_masks
+from ..perf.cpu_low_precision import cpu_products_in_fp32_for
 from ..processing import DATASET_TYPES, IGNORE_LABEL_ID, REASON_SEG, REFER_SEG
 from .connector import build_connector
 from .description_projector import DescriptionProjector
@@ -253,11 +254,15 @@ class SegEarthR1ForReasoningSegmentation(SegEarthR1PreTrainedModel):
     @torch.no_grad()
     def predict(self, input_ids, attention_mask, images, token_refer_id, token_answer_id=None,
                 dataset_type=None, **unused) -> SegEarthR1Prediction:
-        """Mask logits upsampled (bilinear, align_corners=False) to the input size S, and `logits > 0`."""
+        """Mask logits upsampled (bilinear, align_corners=False) to the input size S, and `logits > 0`.
+        bf16/fp16 on a CPU without native kernels: matrix products in fp32 (perf/cpu_low_precision.py; not
+        with `compile`: a Python dispatch mode and compiled graphs are not mixed)."""
         kind = self._dataset_type(dataset_type)
         if kind == REFER_SEG:
             token_answer_id = None
-        _, _, decoded = self._run(input_ids, attention_mask, images, token_refer_id, token_answer_id=token_answer_id)
+        with contextlib.nullcontext() if self.config.compile else cpu_products_in_fp32_for(self):
+            _, _, decoded = self._run(input_ids, attention_mask, images, token_refer_id,
+                                      token_answer_id=token_answer_id)
         logits = self._final_logits(decoded).float()
         logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         return SegEarthR1Prediction(mask_logits=logits, masks=logits > 0)
