@@ -7,8 +7,9 @@
 #      check that impl=auto's choice on CUDA (compiled op, else gather) is the fastest there too;
 #   3. full-size benchmark, bf16 train, batch 2, 1024², gradient checkpointing, AdamW;
 #   4. a 30-step DeepSpeed ZeRO-2 run of configs/tiny.yaml on 1 GPU.
-# On a machine without CUDA it says so in one line and runs the CPU parts (the low-precision and benchmark
-# tests, and the tiny benchmark). Results (JSON + logs) go to $GPU_CHECK_OUT (default outputs/gpu_check).
+# On a machine without CUDA it says so in one line and runs the CPU parts (the low-precision, CPU
+# fp32-products and benchmark tests, and the tiny benchmark). Results (JSON + logs) go to $GPU_CHECK_OUT
+# (default outputs/gpu_check).
 #
 #   bash tools/gpu_check.sh
 set -uo pipefail
@@ -22,7 +23,7 @@ run() { "$@" || { status=1; step "FAILED: $*"; }; }
 
 if [ "$(python3 -c 'import torch; print(int(torch.cuda.is_available()))')" != 1 ]; then
   step "no CUDA device on this machine: running the CPU parts only (low-precision tests, benchmark tests, tiny benchmark)"
-  run python3 -m pytest -q tests/test_low_precision.py tests/test_benchmark.py
+  run python3 -m pytest -q tests/test_low_precision.py tests/test_cpu_low_precision.py tests/test_benchmark.py
   run python3 -m segearthr1.cli benchmark --config configs/tiny.yaml --mode train --optimizer adamw --steps 5 \
     --output "$OUT/tiny_train_cpu.json"
   run python3 tools/bench_deform_attn.py --image_size 512 --device cpu --output "$OUT/deform_attn_cores_cpu.json"
