@@ -330,8 +330,8 @@ def format_table(result: dict) -> str:
                  f"{result['sequence_length']} tokens, gradient checkpointing {result['gradient_checkpointing']}, "
                  f"compile {result['compile']}")
     if result.get("cpu_products_in_fp32"):
-        lines.append("matrix products, convolutions and attention in fp32, rounded back (no native low-precision "
-                     "kernels on this CPU, or SEGEARTHR1_CPU_LOWP_PRODUCTS=fp32)")
+        lines.append("matrix products, convolutions and the attention backward in fp32, rounded back (no native "
+                     "low-precision kernels on this CPU, or SEGEARTHR1_CPU_LOWP_PRODUCTS=fp32)")
     return "\n".join(lines)
 
 

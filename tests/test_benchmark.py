@@ -54,7 +54,7 @@ def test_benchmark_bf16_on_reference_cpu_kernels(tmp_path, capsys, monkeypatch):
                                    "--output", str(out)]) == 0
         results[dtype] = json.loads(out.read_text())
     assert results["bf16"]["cpu_products_in_fp32"] is True and results["fp32"]["cpu_products_in_fp32"] is False
-    assert "matrix products, convolutions and attention in fp32" in capsys.readouterr().out
+    assert "matrix products, convolutions and the attention backward in fp32" in capsys.readouterr().out
     assert results["bf16"]["flops_per_step"] == results["fp32"]["flops_per_step"]
 
 

@@ -56,24 +56,24 @@ def test_products_are_fp32_rounded_once(dtype):
         torch.testing.assert_close(out, _rounded_fp32(fn, *args, dtype=dtype), rtol=0, atol=0, msg=name)
 
 
-def test_attention_forward_and_backward_in_fp32_logsumexp_stays_fp32():
+def test_attention_backward_in_fp32_forward_native():
+    """The CPU flash attention: its forward is left to PyTorch (as fast as fp32 on the reference path, and
+    bit-identical to native bf16), its backward runs in fp32 on the forward's own output and logsumexp."""
     q, k, v = (_gen(2, 3, 11, 8, seed=s).requires_grad_() for s in (1, 2, 3))
     mask = torch.zeros(2, 1, 11, 11).masked_fill(torch.ones(11, 11, dtype=torch.bool).triu(1), float("-inf")).bfloat16()
     with Fp32Products() as mode:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out.float().square().sum().backward()
-    assert mode.calls["_scaled_dot_product_flash_attention_for_cpu.default"] == 1
+    assert "_scaled_dot_product_flash_attention_for_cpu.default" not in mode.calls
     assert mode.calls["_scaled_dot_product_flash_attention_for_cpu_backward.default"] == 1
-    assert out.dtype == torch.bfloat16 and q.grad.dtype == torch.bfloat16
-    ref = F.scaled_dot_product_attention(q.detach().double(), k.detach().double(), v.detach().double(),
-                                         attn_mask=mask.double())
     native = F.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), attn_mask=mask)
-    err = lambda t: ((t.double() - ref).norm() / ref.norm()).item()  # noqa: E731
-    assert err(out) <= err(native) * 1.05 + 1e-6, (err(out), err(native))
-    lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q.detach(), k.detach(), v.detach(), 0.0, False)[1]
-    with Fp32Products():
-        lse_mode = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q.detach(), k.detach(), v.detach(), 0.0, False)[1]
-    assert lse.dtype == lse_mode.dtype == torch.float32
+    torch.testing.assert_close(out.detach(), native, rtol=0, atol=0)
+    assert q.grad.dtype == k.grad.dtype == v.grad.dtype == torch.bfloat16
+    grads = [t.grad.clone() for t in (q, k, v)]
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    (F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask.double()).square().sum()).backward()
+    for got, ref in zip(grads, (qd.grad, kd.grad, vd.grad)):
+        assert ((got.double() - ref).norm() / ref.norm()).item() < 2e-2
 
 
 def test_backward_products_are_covered_when_the_mode_spans_backward():

@@ -1,15 +1,19 @@
 """bf16/fp16 matrix products on CPUs without native low-precision kernels, computed in fp32.
 
 Why: without oneDNN's bf16 kernels (AVX-512 bf16 / AMX; fp16 needs AVX-512 FP16) PyTorch runs bf16/fp16
-matrix products, convolutions and CPU flash attention through its reference loops. Measured on 2 cores
-(oneDNN off to get that path on a CPU that has the kernels): a bf16 `a @ b` of 512x2048 by 2048x2048 at
-0.4 GFLOP/s against 180 in fp32, a tiny-config training step 0.64 s against 0.10 s native, and a
-full-size bf16 backward at 512² did not finish in 20 minutes on an AVX2-only EPYC. Under
-`Fp32Products` those ops upcast their operands (exact), compute in fp32 and round the result to the
-input dtype once: what the native bf16 kernels do too (fp32 accumulation, one rounding), so the numbers
-equal native bf16 up to summation order. Everything else (weights, stored activations, norms,
-activations) stays in low precision. The same tiny step took 0.16 s: the rest is the Python dispatch
-of every op through the mode, which is why it is only switched on where the reference loops would run.
+matrix products and convolutions through its reference loops. Measured on 2 cores (oneDNN off, to get
+that path on a CPU that has the kernels): a bf16 `a @ b` of 512x2048 by 2048x2048 at 0.4 GFLOP/s against
+180 in fp32, a tiny-config training step 0.64 s against 0.09 s native, a full-size predict at 1024² 343 s
+against 8 s; a full-size bf16 backward at 512² did not finish in 20 minutes on an AVX2-only EPYC. The CPU
+flash attention's backward took 2.8x its fp32 time (Swin-B windows at 1024²), its forward the same as
+fp32, so only the backward is taken over.
+
+Under `Fp32Products` those ops upcast their operands (exact), compute in fp32 and round the result to
+the input dtype once: what the native bf16 kernels do too (fp32 accumulation, one rounding), so the
+numbers equal native bf16 up to summation order. Everything else (weights, stored activations, norms,
+activations, the attention forward) stays in low precision. The tiny step then takes 0.13-0.15 s: the
+rest is the Python dispatch of every op through the mode, which is why it is only switched on where the
+reference loops would run.
 
 `SEGEARTHR1_CPU_LOWP_PRODUCTS`: `auto` (default: on for bf16/fp16 on a CPU without the native kernels),
 `fp32` (on for bf16/fp16 on every CPU), `native` (off: PyTorch's own kernels).
@@ -32,12 +36,12 @@ SETTINGS = ("auto", "fp32", "native")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 _aten = torch.ops.aten
-# op -> output positions that the native op returns in fp32 for low-precision inputs (kept fp32)
+# op -> output positions that the native op returns in fp32 for low-precision inputs (kept fp32; none of
+# these so far). The attention forward is left native: as fast as fp32 on the reference path.
 PRODUCT_OPS = {
     _aten.mm.default: (), _aten.addmm.default: (), _aten.bmm.default: (), _aten.baddbmm.default: (),
     _aten.mv.default: (), _aten.addmv.default: (), _aten.dot.default: (),
     _aten.convolution.default: (), _aten.convolution_backward.default: (),
-    _aten._scaled_dot_product_flash_attention_for_cpu.default: (1,),  # logsumexp is fp32 natively
     _aten._scaled_dot_product_flash_attention_for_cpu_backward.default: (),
 }
 # ops that natively take an fp32 tensor next to low-precision ones (the attention backward's logsumexp)
@@ -142,6 +146,6 @@ def _log_once(dtype: torch.dtype) -> None:
     _logged.add(dtype)
     why = ("forced by " + ENV_VAR + "=fp32") if setting() == "fp32" else \
         "this CPU has no native kernels for it (no AVX-512 bf16/FP16 or AMX, or oneDNN is off)"
-    logger.info("%s on CPU: matrix products, convolutions and attention run in fp32 and are rounded back (%s; "
-                "%s=native keeps PyTorch's reference kernels, several times slower)",
+    logger.info("%s on CPU: matrix products, convolutions and the attention backward run in fp32 and are rounded "
+                "back (%s; %s=native keeps PyTorch's reference kernels, several times slower)",
                 str(dtype).replace("torch.", ""), why, ENV_VAR)
