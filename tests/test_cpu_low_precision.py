@@ -170,3 +170,29 @@ def test_training_step_under_it_has_finite_losses_and_gradients(reference_kernel
     assert all(torch.isfinite(getattr(out, n)).all() for n in ("loss", "loss_mask", "loss_dice", "loss_llm"))
     grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
     assert grads and all(g.dtype == torch.bfloat16 and torch.isfinite(g).all() for g in grads)
+
+
+def test_predictor_bf16_with_answers_goes_through_it(reference_kernels, monkeypatch, tmp_path):
+    """A saved checkpoint loaded in bf16 (`Predictor(dtype="bf16")`, the CLI's path): the mask prediction
+    and the answer generation (`explain=True`) both run their products in fp32, and the masks agree with
+    the fp32 predictor's."""
+    import numpy as np
+
+    from model_utils import trained_tokenizer
+    from segearthr1.inference.predictor import Predictor
+    from segearthr1.weights.pretrained import save_pretrained
+
+    tokenizer = trained_tokenizer()
+    ckpt = save_pretrained(tiny_model(seed=0).eval(), tokenizer, tmp_path / "model")
+    entered = []
+    original = Fp32Products.__enter__
+    monkeypatch.setattr(Fp32Products, "__enter__", lambda self: entered.append(self) or original(self))
+    rgb = np.random.default_rng(0).integers(0, 256, size=(48, 40, 3), dtype=np.uint8)
+    low = Predictor(ckpt, device="cpu", dtype="bf16").predict(rgb, "where is the red car?", explain=True,
+                                                              max_new_tokens=4)
+    assert len(entered) == 2 and all(mode.calls["mm.default"] > 0 for mode in entered)  # predict, then answers
+    assert isinstance(low.answer, str) and 1 <= low.record["answer_tokens"] <= 4
+    assert low.record["dtype"] == "bfloat16"
+    ref = Predictor(ckpt, device="cpu", dtype="fp32").predict(rgb, "where is the red car?")
+    assert len(entered) == 2  # fp32: not entered
+    assert (low.mask == ref.mask).mean() >= 0.99
