@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import logging
 import os
 
@@ -36,14 +37,14 @@ SETTINGS = ("auto", "fp32", "native")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 _aten = torch.ops.aten
-# op -> output positions that the native op returns in fp32 for low-precision inputs (kept fp32; none of
-# these so far). The attention forward is left native: as fast as fp32 on the reference path.
-PRODUCT_OPS = {
-    _aten.mm.default: (), _aten.addmm.default: (), _aten.bmm.default: (), _aten.baddbmm.default: (),
-    _aten.mv.default: (), _aten.addmv.default: (), _aten.dot.default: (),
-    _aten.convolution.default: (), _aten.convolution_backward.default: (),
-    _aten._scaled_dot_product_flash_attention_for_cpu_backward.default: (),
-}
+# every output of these is rounded back to the inputs' dtype; the attention forward is left native (as fast
+# as fp32 on the reference path)
+PRODUCT_OPS = frozenset({
+    _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default,
+    _aten.mv.default, _aten.addmv.default, _aten.dot.default,
+    _aten.convolution.default, _aten.convolution_backward.default,
+    _aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
+})
 # ops that natively take an fp32 tensor next to low-precision ones (the attention backward's logsumexp)
 _MIXED_INPUT_OPS = {_aten._scaled_dot_product_flash_attention_for_cpu_backward.default}
 
@@ -75,18 +76,12 @@ class Fp32Products(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        keep_fp32 = PRODUCT_OPS.get(func)
-        if keep_fp32 is not None:
-            low = _common_low_dtype(func, args, kwargs)
-            if low is not None:
-                self.calls[func.__name__] += 1
-                up = lambda x: x.float() if _floating(x) and x.dtype == low else x  # noqa: E731
-                out = func(*tree_map(up, args), **tree_map(up, kwargs))
-                if isinstance(out, (tuple, list)):
-                    return type(out)(y.to(low) if _floating(y) and i not in keep_fp32 else y
-                                     for i, y in enumerate(out))
-                return out.to(low) if _floating(out) else out
-        return func(*args, **kwargs)
+        low = _common_low_dtype(func, args, kwargs) if func in PRODUCT_OPS else None
+        if low is None:
+            return func(*args, **kwargs)
+        self.calls[func.__name__] += 1
+        args, kwargs = tree_map(lambda x: x.float() if _floating(x) and x.dtype == low else x, (args, kwargs))
+        return tree_map(lambda y: y.to(low) if _floating(y) else y, func(*args, **kwargs))
 
 
 def setting() -> str:
@@ -128,22 +123,13 @@ def _active() -> bool:
 
 
 def cpu_products_in_fp32_for(module: torch.nn.Module) -> contextlib.AbstractContextManager:
-    """`cpu_products_in_fp32` for a module's (first) parameter dtype and device."""
-    param = next(module.parameters(), None)
-    if param is None:
-        return contextlib.nullcontext()
-    dtypes = {p.dtype for p in module.parameters()} & set(LOW_PRECISION)
-    dtype = dtypes.pop() if len(dtypes) == 1 else param.dtype
-    return cpu_products_in_fp32(dtype, param.device)
+    """`cpu_products_in_fp32` for a module's first low-precision parameter (none: a context that does nothing)."""
+    param = next((p for p in module.parameters() if p.dtype in LOW_PRECISION), None)
+    return contextlib.nullcontext() if param is None else cpu_products_in_fp32(param.dtype, param.device)
 
 
-_logged: set = set()
-
-
+@functools.lru_cache(maxsize=None)
 def _log_once(dtype: torch.dtype) -> None:
-    if dtype in _logged:
-        return
-    _logged.add(dtype)
     why = ("forced by " + ENV_VAR + "=fp32") if setting() == "fp32" else \
         "this CPU has no native kernels for it (no AVX-512 bf16/FP16 or AMX, or oneDNN is off)"
     logger.info("%s on CPU: matrix products, convolutions and the attention backward run in fp32 and are rounded "
