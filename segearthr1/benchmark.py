@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .runtime import resolve_dtype, setup_logging, tune_cpu_allocator
+from .runtime import resolve_dtype, setup_logging, tune_cpu_allocator_for
 from .perf import STAGES, PeakMemory, StageTimer, peak_tflops
 from .perf.cpu_low_precision import cpu_products_in_fp32, needs_fp32_products
 
@@ -238,11 +238,11 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = resolve_dtype(args.dtype, device)  # warns once where bf16 would run on reference CPU kernels
-    malloc = tune_cpu_allocator() if device.type == "cpu" else None  # as CPU training does
     t0 = time.perf_counter()
     model, tokenizer, config = build_model(args, device)
     model.to(device=device, dtype=dtype)
     build_s = time.perf_counter() - t0
+    malloc = tune_cpu_allocator_for(device, "benchmark")  # as CPU training does, after the build
     dataset = data_args(config).dataset or "EarthReason"
     if dataset not in DATASETS:
         raise SystemExit(f"benchmark: data.dataset={dataset!r} is not one of {list(DATASETS)}")
@@ -255,7 +255,12 @@ def run(args) -> dict:
         gradient_checkpointing = (bool(config["train"].get("gradient_checkpointing")) if args.gradient_checkpointing == "config"
                                   else args.gradient_checkpointing == "on")
         if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # newer transformers renamed it (the old name warns that it goes in v6)
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable({"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if args.optimizer == "adamw":
             # fused, as the trainer's default (TrainingArguments.optim = adamw_torch_fused): one kernel over
             # all parameters instead of a Python loop of ~10 ops per tensor

@@ -41,3 +41,15 @@ def _no_network(monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", guarded)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _glibc_defaults_in_this_process(monkeypatch):
+    """The pytest process keeps glibc's malloc defaults: `runtime.tune_cpu_allocator` (called by in-process
+    benchmark and training code) turns off mmap and heap trimming for good, right for one training run and
+    wrong for a suite that builds hundreds of differently sized models in one process. Subprocesses (the
+    launcher tests, tests/test_runtime.py's page-fault test) are fresh interpreters and tune for real."""
+    from segearthr1 import runtime
+
+    monkeypatch.setattr(runtime, "_glibc", lambda: None)
+    yield

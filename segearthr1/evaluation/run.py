@@ -134,6 +134,7 @@ def run(args: argparse.Namespace) -> EvalResult:
                                            dtype=args.dtype, image_size=args.image_size)
         if model.config.image_size != image_size:
             raise ValueError(f"model input size {model.config.image_size} != dataset letterbox size {image_size}")
+        runtime.tune_cpu_allocator_for(ctx.device, "evaluation")
         # questions longer than the LLM's positions allow are truncated with a warning naming the sample
         dataset.max_text_tokens = text_token_budget(model)
         out_dir = Path(args.output_dir) if args.output_dir else Path("outputs") / "eval" / (

@@ -31,6 +31,7 @@ import numpy as np
 
 from ..errors import (CheckpointCorruptedError, CheckpointKeyError, CheckpointNotFoundError, DatasetCorruptedError,
                       DependencyNotFoundError)
+from ..runtime import tune_cpu_allocator_for
 from ..visualization import save_rgb_png
 from .geo import write_geojson, write_mask_geotiff
 from .tiling import TILE_BATCH
@@ -302,6 +303,7 @@ def run(args: argparse.Namespace) -> int:
                           task=task, image_size=args.image_size, bands=args.bands, threshold=args.threshold,
                           simplify=args.simplify, max_query_tokens=args.max_query_tokens, tile=args.tile,
                           tile_size=args.tile_size, overlap=args.overlap)
+    tune_cpu_allocator_for(predictor.device, "predict")  # the CLI's own process: keep freed memory
     for job in jobs:  # every query's length, before any image is run
         predictor.check_query_length(job.query, f"query for {job.image}")
     if args.tile:

@@ -36,7 +36,7 @@ import torch
 
 from ..config_io import dump_yaml
 from ..errors import CheckpointCorruptedError, CheckpointSaveError, NonFiniteError
-from ..runtime import is_main_process, setup_logging, tune_cpu_allocator
+from ..runtime import is_main_process, setup_logging, tune_cpu_allocator_for
 from .args import (DEFAULT_TRAIN_ARGS, OUR_TRAIN_KEYS, build_model_kwargs, data_args, init_args, resolve_run_config,
                    split_cli_pairs)
 from .curves import TrainingCurvesCallback
@@ -184,9 +184,6 @@ def _train(config: dict, config_path) -> int:
     from .trainer import SegEarthR1Trainer
 
     training_args = build_training_arguments(config)
-    if training_args.use_cpu and (malloc := tune_cpu_allocator()) is not None:
-        logger.info("CPU training: glibc malloc keeps freed memory in the heap (%s; SEGEARTHR1_MALLOC_TUNING=0 "
-                    "to leave the allocator alone)", ", ".join(f"{k} {v:,}" for k, v in malloc.items()))
     output_dir = Path(training_args.output_dir)
     if is_main_process():
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -198,6 +195,9 @@ def _train(config: dict, config_path) -> int:
 
     set_seed(training_args.seed)
     model, tokenizer = build_model_and_tokenizer(config)
+    # after the build: the weights keep their own blocks (runtime.tune_cpu_allocator says why)
+    if training_args.use_cpu:
+        tune_cpu_allocator_for("cpu", "training")
     data = data_args(config)
     train_set = build_dataset(data.dataset, data.data_path, data.train_split, tokenizer,
                               **dataset_kwargs(config, model, training_args.seed))
