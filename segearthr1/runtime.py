@@ -233,8 +233,8 @@ def tune_cpu_allocator() -> dict[str, str] | None:
     full-size fp32 training step at 512² faulted 6.5 GB (1.6 M faults, 10 s of system time) in its
     backward. With no mmap and no trimming nothing faults after the first step (tiny model at 128 px:
     2,923 faults per step -> 0). Measured with `segearthr1 benchmark` (full size, fp32, 2 threads,
-    batch 1): training fwd+bwd at 512² 24.1 -> 14.8 s, predict at 1024² 14.2 -> 12.8 s; the price is
-    peak RSS, 14.60 -> 15.33 GB and 8.33 -> 8.45 GB, since freed blocks are reused where they fit rather
+    batch 1): training fwd+bwd at 512² 21.8-24.1 -> 14.8 s, predict at 1024² 14.2-14.7 -> 12.8-13.1 s;
+    the price is peak RSS, 14.6 -> 15.3 GB and 8.3 -> 8.5 GB, since freed blocks are reused where they fit rather
     than given back. Called after the build so the weights keep the exact blocks they were given, after
     `malloc_trim(0)` hands back the holes initialisation left (set before the build, weights and init
     temporaries interleave in the heap: +0.3-0.9 GB more). The process keeps its high-water mark until it
