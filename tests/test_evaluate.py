@@ -236,10 +236,16 @@ def test_clear_errors(data_root, checkpoint, tmp_path, capsys):
                               *base]))
 
 
-def test_truncated_weights_and_long_questions(data_root, checkpoint, tmp_path, capfd):
+def test_truncated_weights_and_long_questions(data_root, checkpoint, tmp_path, capfd, monkeypatch):
     """A truncated model.safetensors is a one-line error naming the file (exit 1); a question longer than
-    the LLM's positions is truncated with a warning naming the sample, and evaluation goes on."""
+    the LLM's positions is truncated with a warning naming the sample, and evaluation goes on (with glibc's
+    allocator tuned once the model has loaded, runtime.tune_cpu_allocator)."""
     import shutil
+
+    from segearthr1 import runtime
+
+    tuned = []
+    monkeypatch.setattr(runtime, "tune_cpu_allocator_for", lambda device, what: tuned.append((str(device), what)))
 
     broken = tmp_path / "broken"
     shutil.copytree(checkpoint, broken)
@@ -250,6 +256,7 @@ def test_truncated_weights_and_long_questions(data_root, checkpoint, tmp_path, c
     assert ev.main(["--model_path", str(broken), "--output_dir", str(tmp_path / "out1"), *base]) == 1
     err = capfd.readouterr().err
     assert "CheckpointCorruptedError" in err and "model.safetensors is truncated" in err and "Traceback" not in err
+    assert tuned == []  # the weights never loaded
 
     long_data = tmp_path / "longdata"
     shutil.copytree(data_root, long_data)
@@ -260,6 +267,7 @@ def test_truncated_weights_and_long_questions(data_root, checkpoint, tmp_path, c
     qa_file.write_text(json.dumps(qa))
     base[base.index("--data_path") + 1] = str(long_data)
     assert ev.main(["--model_path", str(checkpoint), "--output_dir", str(tmp_path / "out2"), *base]) == 0
+    assert tuned == [("cpu", "evaluation")]
     warnings = [line for line in capfd.readouterr().err.splitlines() if "WARNING" in line and qa_file.stem in line]
     assert any("truncat" in line for line in warnings), warnings
 

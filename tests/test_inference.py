@@ -352,7 +352,9 @@ def test_cli_geotiff_reference_release(tmp_path, release, tokenizer):
     assert json.loads((out / "predictions.jsonl").read_text().splitlines()[0])["query"] == QUERY
 
 
-def test_cli_png_jpeg_folder_and_queries_file(tmp_path, ckpt, model, tokenizer, quiet_cli):
+def test_cli_png_jpeg_folder_and_queries_file(tmp_path, ckpt, model, tokenizer, quiet_cli, monkeypatch):
+    tuned = []  # the CLI's own process keeps freed memory in the heap (runtime.tune_cpu_allocator)
+    monkeypatch.setattr(predict_cli, "tune_cpu_allocator_for", lambda device, what: tuned.append((str(device), what)))
     images = tmp_path / "imgs"
     images.mkdir()
     portrait, landscape = random_rgb(41, 23, 7), random_rgb(19, 47, 8)
@@ -362,7 +364,7 @@ def test_cli_png_jpeg_folder_and_queries_file(tmp_path, ckpt, model, tokenizer, 
     out = tmp_path / "out"
     rc = predict_cli.main(["--model_path", str(ckpt), "--image_dir", str(images), "--query", QUERY,
                            "--output_dir", str(out), "--batch_size", "2", "--device", "cpu"])
-    assert rc == 0
+    assert rc == 0 and tuned == [("cpu", "predict")]
     for stem, (h, w) in (("portrait", (41, 23)), ("landscape", (19, 47))):
         mask = cv2.imread(str(out / f"{stem}__0_mask.png"), cv2.IMREAD_UNCHANGED)
         rgb = read_image_rgb(next(images.glob(stem + ".*")))

@@ -164,12 +164,14 @@ def test_cli_tile_with_tiny_checkpoint(tmp_path, tokenizer, monkeypatch):
     from segearthr1.weights.pretrained import save_pretrained
 
     monkeypatch.setattr("segearthr1.runtime.setup_logging", lambda *a, **k: None)
+    tuned = []  # --tile streams in bounded memory: glibc's allocator is left alone
+    monkeypatch.setattr(predict_cli, "tune_cpu_allocator_for", lambda *a: tuned.append(a))
     ckpt = save_pretrained(tiny_model(seed=0).eval(), tokenizer, tmp_path / "ckpt")
     tif = blob_scene(tmp_path / "scene.tif", 150, 200)
     out = tmp_path / "out"
     rc = predict_cli.main(["--model_path", str(ckpt), "--image", str(tif), "--query", QUERY, "--output_dir",
                            str(out), "--device", "cpu", "--tile", "--overlap", "16"])
-    assert rc == 0
+    assert rc == 0 and tuned == []
     rec = json.loads((out / "scene__0.json").read_text())
     assert rec["tiling"] == {**rec["tiling"], "tile_size": 64, "overlap": 16, "num_tiles": 12}
     with rasterio.open(out / "scene__0_mask.tif") as ds:
