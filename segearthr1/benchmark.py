@@ -171,25 +171,42 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(step: Step, device: torch.device, steps: int, warmup: int) -> tuple[list[float], list[dict]]:
-    """Wall time of each timed step and its per-stage split."""
+def _kernel_usage() -> tuple[int, float]:
+    """(minor page faults, system CPU seconds) of this process so far; (0, 0.0) where getrusage is missing."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return 0, 0.0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt, usage.ru_stime
+
+
+def measure(step: Step, device: torch.device, steps: int,
+            warmup: int) -> tuple[list[float], list[dict], dict[str, float]]:
+    """Wall time of each timed step, its per-stage split, and the kernel's share: page faults and system
+    CPU time per timed step (on CPU, memory the allocator hands back and takes again shows up there)."""
     from tqdm import tqdm
 
     model = step.model
     totals, splits = [], []
+    faults, system_s = 0, 0.0
     for i in tqdm(range(warmup + steps), desc=f"benchmark {step.mode}", unit="step", file=sys.stderr):
         timer = StageTimer(device)
         model.stage_observer = timer
         _sync(device)
+        before = _kernel_usage()
         start = time.perf_counter()
         step(timer)
         _sync(device)
         elapsed = time.perf_counter() - start
+        after = _kernel_usage()
         model.stage_observer = None
         if i >= warmup:
             totals.append(elapsed)
             splits.append(timer.step_summary())
-    return totals, splits
+            faults += after[0] - before[0]
+            system_s += after[1] - before[1]
+    return totals, splits, {"page_faults_per_step": faults / steps, "system_cpu_s_per_step": system_s / steps}
 
 
 def count_flops(step: Step, device: torch.device) -> dict[str, dict[str, float]]:
@@ -277,7 +294,7 @@ def run(args) -> dict:
     # bf16/fp16 on a CPU without native kernels: matrix products in fp32, as training and inference run them
     lowp = contextlib.nullcontext() if model.config.compile else cpu_products_in_fp32(dtype, device)
     with lowp:
-        totals, splits = measure(step, device, args.steps, args.warmup)
+        totals, splits, kernel = measure(step, device, args.steps, args.warmup)
         mem = memory.read()
         flops = None if args.no_flops else count_flops(step, device)
     median = statistics.median(totals)
@@ -292,7 +309,7 @@ def run(args) -> dict:
         "step_s": {"median": median, "min": min(totals), "all": totals},
         "samples_per_s": args.batch_size / median,
         "stages_s": split, "stages_step_s": split_step, "memory": mem, "parameters": _param_counts(model),
-        "cpu_malloc": malloc, "cpu_products_in_fp32": not model.config.compile and needs_fp32_products(dtype, device),
+        "kernel": kernel, "cpu_malloc": malloc, "cpu_products_in_fp32": not model.config.compile and needs_fp32_products(dtype, device),
     }
     if flops is not None:
         total = flops.pop("_total")["all"]
@@ -334,6 +351,12 @@ def format_table(result: dict) -> str:
                  f"{result['threads']} threads), batch {result['batch_size']}, {result['image_size']}², "
                  f"{result['sequence_length']} tokens, gradient checkpointing {result['gradient_checkpointing']}, "
                  f"compile {result['compile']}")
+    kernel = result.get("kernel")
+    if kernel and result["device"].startswith("cpu"):
+        malloc = ("glibc malloc heap-only" if result.get("cpu_malloc")
+                  else "glibc malloc left alone: SEGEARTHR1_MALLOC_TUNING=0, MALLOC_* settings of your own, or not glibc")
+        lines.append(f"kernel: {kernel['page_faults_per_step']:,.0f} page faults and "
+                     f"{kernel['system_cpu_s_per_step']:.3f} s of system CPU time per step; {malloc}")
     if result.get("cpu_products_in_fp32"):
         lines.append("matrix products, convolutions and the attention backward in fp32, rounded back (no native "
                      "low-precision kernels on this CPU, or SEGEARTHR1_CPU_LOWP_PRODUCTS=fp32)")

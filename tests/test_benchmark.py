@@ -36,8 +36,11 @@ def test_benchmark_tiny_config_json(tmp_path, mode, capsys):
     assert result["flops_per_sample"] > 0 and result["mfu"] is None  # no peak on CPU
     assert result["parameters"]["total"] == result["parameters"]["trainable"] + result["parameters"]["frozen"]
     assert result["memory"]["gb"] > 0
+    kernel = result["kernel"]  # what the OS cost per step: page faults and system CPU time
+    assert kernel["page_faults_per_step"] >= 0 and kernel["system_cpu_s_per_step"] >= 0
     table = capsys.readouterr().out
     assert "vision_encoder" in table and "FLOPs/sample" in table
+    assert "page faults" in table and "left alone" in table  # the pytest process keeps glibc's defaults (conftest)
 
 
 @pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
