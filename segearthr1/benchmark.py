@@ -292,8 +292,8 @@ def run(args) -> dict:
                 batch["input_ids"].shape[1], args.dtype, device)
     memory.reset()
     # bf16/fp16 on a CPU without native kernels: matrix products in fp32, as training and inference run them
-    lowp = contextlib.nullcontext() if model.config.compile else cpu_products_in_fp32(dtype, device)
-    with lowp:
+    fp32_products = not model.config.compile and needs_fp32_products(dtype, device)
+    with cpu_products_in_fp32(dtype, device) if fp32_products else contextlib.nullcontext():
         totals, splits, kernel = measure(step, device, args.steps, args.warmup)
         mem = memory.read()
         flops = None if args.no_flops else count_flops(step, device)
@@ -309,7 +309,7 @@ def run(args) -> dict:
         "step_s": {"median": median, "min": min(totals), "all": totals},
         "samples_per_s": args.batch_size / median,
         "stages_s": split, "stages_step_s": split_step, "memory": mem, "parameters": _param_counts(model),
-        "kernel": kernel, "cpu_malloc": malloc, "cpu_products_in_fp32": not model.config.compile and needs_fp32_products(dtype, device),
+        "kernel": kernel, "cpu_malloc": malloc, "cpu_products_in_fp32": fp32_products,
     }
     if flops is not None:
         total = flops.pop("_total")["all"]
