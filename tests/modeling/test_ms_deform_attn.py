@@ -182,6 +182,76 @@ def test_layer_impls_agree(impl):
     torch.testing.assert_close(out, attn(x, ref, x, shapes), atol=1e-5, rtol=1e-5)
 
 
+def _interleaved_gather_inputs(attn, query, reference_points, shapes):
+    """The gather core's (top-left row, corner weight) computed the way it was before the x/y planes: on
+    [..., 2] location tensors broadcast against [L, 1, 2] sizes (the reference's formulation)."""
+    batch, queries, _ = query.shape
+    heads, levels, points = attn.num_heads, attn.num_levels, attn.num_points
+    offsets = attn.sampling_offsets(query).view(batch, queries, heads, levels, points, 2)
+    weights = torch.softmax(attn.attention_weights(query).view(batch, queries, heads, levels * points), -1)
+    weights = weights.view(batch, queries, heads, levels, points)
+    normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32)
+    locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+    layout = mda._GatherLayout.for_shapes(shapes)
+    sizes = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32)[:, None, :]
+    pixel = (((2 * locations - 1) + 1) * sizes - 1) / 2
+    pixel = torch.maximum(torch.minimum(pixel, sizes), sizes.new_tensor(-1.0))
+    corner = pixel.floor()
+    frac_x, frac_y = (pixel - corner).unbind(-1)
+    corner = corner.to(torch.int32) + 1
+    pitch = torch.tensor([w + 3 for _, w in shapes], dtype=torch.int32)
+    start = (torch.arange(batch * heads, dtype=torch.int32) * layout.rows_per_map).view(batch, 1, heads, 1, 1)
+    start = start + torch.tensor(layout.level_start, dtype=torch.int32).view(levels, 1)
+    top_left = corner[..., 1] * pitch[:, None] + corner[..., 0] + start
+    weight_y = weights.unsqueeze(-1) * torch.stack([1 - frac_y, frac_y], -1)
+    weight = (weight_y.unsqueeze(-1) * torch.stack([1 - frac_x, frac_x], -1).unsqueeze(-2)).flatten(-2)
+    return top_left, weight
+
+
+def test_gather_layer_on_xy_planes_is_bit_identical_to_the_interleaved_formulation(monkeypatch):
+    """The layer computes x and y on separate planes (fast elementwise paths); values, index and weights, and
+    every gradient must equal the interleaved [..., 2] arithmetic bit for bit, on and off the map's edges."""
+    torch.manual_seed(0)
+    attn = MSDeformAttn(d_model=16, num_levels=3, num_heads=4, num_points=2, impl="gather")
+    with torch.no_grad():
+        for param in attn.parameters():
+            param.normal_(0, 0.5)
+    shapes = [(7, 5), (4, 3), (2, 1)]
+    queries = sum(h * w for h, w in shapes)
+    query, values = torch.randn(2, queries, 16), torch.randn(2, queries, 16)
+    reference_points = torch.rand(2, queries, 3, 2) * 1.4 - 0.2
+    reference_points[0, :4] = torch.tensor([-1.0 / 10, 1.0 + 2.0 / 5]).view(1, 1, 2)  # clamped onto -1 / size
+    seen = {}
+    original = mda._WeightedGatherCPU.apply
+    monkeypatch.setattr(mda._WeightedGatherCPU, "apply",
+                        lambda rows, top_left, weight, layout: seen.update(top_left=top_left, weight=weight)
+                        or original(rows, top_left, weight, layout))
+    leaves = [t.clone().requires_grad_() for t in (query, reference_points, values)]
+    out = attn(leaves[0], leaves[1], leaves[2], shapes)
+    expected_top_left, expected_weight = _interleaved_gather_inputs(attn, query, reference_points, shapes)
+    assert torch.equal(seen["top_left"].view_as(expected_top_left), expected_top_left)
+    assert torch.equal(seen["weight"].view_as(expected_weight), expected_weight.detach())
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    grads = [leaf.grad for leaf in leaves] + [param.grad.clone() for param in attn.parameters()]
+
+    attn.zero_grad()
+    monkeypatch.setattr(mda._WeightedGatherCPU, "apply", original)
+    old = [t.clone().requires_grad_() for t in (query, reference_points, values)]
+    top_left, weight = _interleaved_gather_inputs(attn, old[0], old[1], shapes)
+    value = attn.value_proj(old[2]).view(2, queries, 4, 4)
+    batch_rows = torch.cat([torch.nn.functional.pad(v.view(2, h, w, 4, 4).permute(0, 3, 1, 2, 4), (0, 0, 1, 2, 1, 2))
+                            .flatten(2, 3) for v, (h, w) in zip(value.split([h * w for h, w in shapes], 1), shapes)], 2)
+    bags = 2 * queries * 4
+    core = original(batch_rows.reshape(-1, 4), top_left.reshape(bags, -1), weight.reshape(bags, -1, 4),
+                    mda._GatherLayout.for_shapes(shapes))
+    old_out = attn.output_proj(core.view(2, queries, 16))
+    assert torch.equal(out, old_out)
+    old_out.backward(grad)
+    for new_grad, old_grad in zip(grads, [leaf.grad for leaf in old] + [param.grad for param in attn.parameters()]):
+        assert torch.equal(new_grad, old_grad)
+
+
 def test_parameter_names_and_reference_init():
     attn = MSDeformAttn(d_model=16, num_levels=3, num_heads=4, num_points=2, impl="pytorch")
     shapes = {k: tuple(v.shape) for k, v in attn.state_dict().items()}
