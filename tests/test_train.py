@@ -61,6 +61,7 @@ def test_deepspeed_zero2_two_processes_train_checkpoint_and_resume(data_root):
     parts = [e for e in state["log_history"] if "loss_mask" in e]
     assert parts and all({"loss_mask", "loss_dice", "loss_llm"} <= set(e) for e in parts)
     assert "world size 2" in log
+    assert "no identity all-reduce" not in log  # two processes really reduce (training/lone_process.py)
     ds_config = json.loads((run / "checkpoint-4" / "trainer_state.json").read_text())
     assert ds_config["global_step"] == 4
     assert any(p.name.startswith("global_step") for p in (run / "checkpoint-4").iterdir())  # DeepSpeed states

@@ -12,6 +12,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from .checkpoints import (find_resume_checkpoint, newest_valid_checkpoint, publish, reported_save_errors,
                           staging_path)
 from .guard import NonFiniteGuard, check_finite_weights, zero_loss
+from .lone_process import skip_identity_collectives
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +27,8 @@ class SegEarthR1Trainer(Trainer):
       averaged over the logging window and across processes like HF's own `loss`;
     * a non-finite guard (`guard`): every training step's loss and parts are checked on all processes;
     * atomic checkpoints: written under `.saving/`, checked for NaN weights first, renamed into place
-      when complete, with the run files (`run_files_dir`/resolved_config.yaml) inside.
+      when complete, with the run files (`run_files_dir`/resolved_config.yaml) inside;
+    * in a one-process DeepSpeed stage-0 job, none of the engine's identity all-reduces (lone_process.py).
     """
 
     def __init__(self, *args, guard: NonFiniteGuard | None = None, run_files_dir: str | Path | None = None,
@@ -36,6 +38,14 @@ class SegEarthR1Trainer(Trainer):
         self._loss_count = 0
         self.guard = guard or NonFiniteGuard(last_good=lambda: newest_valid_checkpoint(self.args.output_dir))
         self.run_files_dir = Path(run_files_dir) if run_files_dir else None
+        self._engine_checked = False
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self._engine_checked:  # the DeepSpeed engine exists only once train() has built it
+            self._engine_checked = True
+            if self.is_deepspeed_enabled:
+                skip_identity_collectives(model)
+        return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
