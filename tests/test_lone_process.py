@@ -25,8 +25,10 @@ import deepspeed
 from model_utils import tiny_model, make_batch
 from segearthr1.training import lone_process
 
+gas = int(sys.argv[3])
+
 def engine(model, stage, clip):
-    config = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": clip,
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": gas, "gradient_clipping": clip,
               "zero_optimization": {"stage": stage}, "steps_per_print": 10**6}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     return deepspeed.initialize(model=model, optimizer=optimizer, config=config)[0]
@@ -46,7 +48,7 @@ for eng in (plain, skipped):
         calls[id(_eng)] += 1
         return _original(*a, **k)
     eng.buffered_allreduce_fallback = counted
-for step in range(3):
+for step in range(3 * gas):  # 3 optimizer steps
     batch = make_batch(batch_size=2, seed=step)
     grads = []
     for eng in (plain, skipped):
@@ -67,18 +69,18 @@ print("RESULT " + json.dumps(out))
 """
 
 
-@pytest.mark.parametrize("clip", [1e-3, 1e3])  # clipping active on every step / never
-def test_one_process_engine_without_identity_collectives_is_bit_identical(clip):
+@pytest.mark.parametrize("clip,gas", [(1e-3, 1), (1e3, 1), (1e-3, 2)])  # clipping on / off; gradient accumulation
+def test_one_process_engine_without_identity_collectives_is_bit_identical(clip, gas):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT), str(clip)], cwd=ROOT, env=env,
+    result = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT), str(clip), str(gas)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     line = [ln for ln in result.stdout.splitlines() if ln.startswith("RESULT ")][-1]
     out = json.loads(line[len("RESULT "):])
     assert out["skipped"]
-    assert out["reductions"] == [3, 0]  # the untouched engine really reduced after every backward, the other never
-    assert out["grads_equal"] == [True] * 3, out  # after backward (+ reduction), zero-filled where unused
-    assert out["weights_equal"] == [True] * 3, out  # after the clipped optimizer steps
+    assert out["reductions"] == [3, 0]  # the untouched engine reduced at every accumulation boundary, the other never
+    assert out["grads_equal"] == [True] * 3 * gas, out  # after backward (+ reduction), zero-filled where unused
+    assert out["weights_equal"] == [True] * 3 * gas, out  # after the clipped optimizer steps
     assert all(v == v for v in out["losses"])
     assert out["unused"] > 0  # so the zero-filling that the reduction does is exercised
     assert "ZeRO stage 1" in out["stage1_reason"]
