@@ -51,7 +51,7 @@ def clip_gradients_foreach(parameters, max_norm: float) -> torch.Tensor:
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros(1)
-    norms = torch._foreach_norm([g.detach().float() if g.dtype != torch.float32 else g.detach() for g in grads], 2.0)
+    norms = torch._foreach_norm([g.detach().float() for g in grads], 2.0)  # .float() of an fp32 tensor is itself
     total_norm = torch.stack(norms).pow(2.0).sum().float().pow(0.5)
     clip_coef = torch.min(torch.tensor([1.0], device=total_norm.device),
                           torch.tensor([float(max_norm)], device=total_norm.device) / (total_norm + 1e-6))
