@@ -5,9 +5,10 @@ it over the data-parallel group and copies it back; before the optimizer step it
 loop of one norm per parameter plus a gloo all-reduce of the total. In a one-process job (the CPU
 quickstart, a single-GPU run with `scripts/zero0.json`) the all-reduces sum one term and divide by 1,
 so both are exact no-ops in cost only: py-spy on the quickstart put the reduction at 4.6 % and the
-clipping at 3.2 % of a step. `skip_identity_collectives` replaces the reduction by what it leaves behind (zero
-gradients for parameters that got none) and swaps in a clipping with the same arithmetic done by foreach kernels; gradients and weights stay bit-identical
-(tests/test_train.py compares them against the untouched engine).
+clipping at 3.2 % of a step. `skip_identity_collectives` replaces the reduction by what it leaves behind
+(zero gradients for parameters that got none) and swaps in a clipping with the same arithmetic done by
+foreach kernels; gradients and weights stay bit-identical (tests/test_lone_process.py compares them
+against the untouched engine).
 """
 from __future__ import annotations
 
