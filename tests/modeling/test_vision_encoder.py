@@ -46,6 +46,36 @@ def test_matches_reference_outputs(reference, inp, out):
         torch.testing.assert_close(feats[name], ref, atol=1e-5, rtol=1e-4)
 
 
+def _both_attention_paths(enc: SwinEncoder, x: torch.Tensor) -> tuple[dict, dict]:
+    """(no-grad forward: qkv/proj on the real tokens only, forward with autograd on: the padded windows)."""
+    enc.freeze()
+    with torch.no_grad():
+        real_tokens = enc(x)
+    with torch.enable_grad():
+        padded = enc(x)
+    return real_tokens, padded
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_attention_on_real_tokens_equals_the_padded_windows(reference, dtype):
+    """Under no_grad a padded block projects only the real tokens (the padding row's qkv is the bias);
+    the result must be the numbers of the padded-window path training uses: bit-identical in fp32."""
+    fx = reference("swin.pt")
+    enc = fixture_encoder(fx).to(dtype)
+    x = torch.cat([fx["x1"], fx["x1"].flip(-1)]).to(dtype)  # 200 x 264: every stage padded, batch 2
+    real_tokens, padded = _both_attention_paths(enc, x)
+    for name in NAMES:
+        if dtype == torch.float32:
+            assert torch.equal(real_tokens[name], padded[name]), name
+        else:
+            torch.testing.assert_close(real_tokens[name], padded[name], atol=1e-2, rtol=1e-2, msg=name)
+    # without a qkv bias the padding row is zeros (a random tiny encoder; odd sizes, shifted blocks)
+    enc = _tiny(qkv_bias=False)
+    real_tokens, padded = _both_attention_paths(enc, torch.randn(2, 3, 36, 28))
+    for name in NAMES:
+        assert torch.equal(real_tokens[name], padded[name]), name
+
+
 def test_state_dict_layout_matches_reference(reference):
     fx = reference("swin.pt")
     enc = encoder(**fixture_vision_config(fx))
