@@ -200,10 +200,11 @@ class SwinBlock(nn.Module):
         A padded token is a zero row, so its qkv projection is exactly the qkv bias: the projection is taken
         of the H*W real tokens, the bias appended as the padding row, and the windows gathered from that;
         `proj` comes after the crop. At 1024² the padding is 6 % of Swin-B's stage-1/2 tokens and 27 % of
-        stages 3/4 (64 -> 72, 32 -> 36 for window 12), which is ~7 % of the encoder's FLOPs. Outputs are
-        the same numbers (a matrix product's rows do not depend on the other rows;
-        tests/modeling/test_vision_encoder.py compares both paths); with gradients on, the projections'
-        weight gradients would be summed over other rows, so training keeps the padded path.
+        stages 3/4 (64 -> 72, 32 -> 36 for window 12), which is ~7 % of the encoder's FLOPs. On CPU the
+        outputs are bit-identical (a product's rows do not depend on the other rows there;
+        tests/modeling/test_vision_encoder.py compares both paths); a GPU library may pick another kernel
+        for the smaller product, which changes rounding only. With gradients on, the projections' weight
+        gradients would be summed over other rows, so training keeps the padded path.
         """
         b, _, c = y.shape
         n = self.window_size * self.window_size
