@@ -181,6 +181,7 @@ class SwinBlock(nn.Module):
         ws = self.window_size
         to_windows, from_windows, padded = _window_token_index(height, width, ws, self.shift_size, x.device)
         y = self.norm1(x)
+        shift_mask = shift_mask if self.shift_size else None
         if padded and not torch.is_grad_enabled():
             y = self._attention_on_real_tokens(y, to_windows, from_windows, shift_mask)
         else:
@@ -188,7 +189,7 @@ class SwinBlock(nn.Module):
                 # Padded zero tokens are deliberately NOT masked: the reference lets them take part in attention.
                 y = torch.cat([y, y.new_zeros(b, 1, c)], dim=1)
             windows = y.index_select(1, to_windows).view(b, -1, ws * ws, c)  # pad + shift + partition
-            y = self.attn(windows, shift_mask if self.shift_size else None)
+            y = self.attn(windows, shift_mask)
             y = y.reshape(b, -1, c).index_select(1, from_windows)  # reverse + unshift + crop
         x = x + self.drop_path(y)
         return x + self.drop_path(self.mlp(self.norm2(x)))
@@ -212,7 +213,7 @@ class SwinBlock(nn.Module):
         pad = (self.attn.qkv.bias if self.attn.qkv.bias is not None else qkv.new_zeros(3 * c)).to(qkv.dtype)
         qkv = torch.cat([qkv, pad.expand(b, 1, 3 * c)], dim=1)
         windows = qkv.index_select(1, to_windows).view(b, -1, n, 3 * c)  # pad + shift + partition
-        out = self.attn.attend(windows, shift_mask if self.shift_size else None)
+        out = self.attn.attend(windows, shift_mask)
         return self.attn.proj(out.reshape(b, -1, c).index_select(1, from_windows))  # reverse + unshift + crop
 
 
